@@ -1,0 +1,282 @@
+"""Attention taps: PAG's identity self-attention and S-CFG's map recording, on diffusers U-Nets.
+
+A tap is an attention processor installed on a few chosen layers only, for the duration of a
+``with attention_taps(...)`` block; every other layer keeps its own processor, and the original
+processors are put back when the block exits, also when it exits by an exception. Taps are told
+which branch each batch chunk is (``TapState.branches``) instead of assuming a chunk order.
+The real attention of every layer stays fused (``scaled_dot_product_attention``).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer of a U-Net."""
+
+    name: str  # module path, e.g. "mid_block.attentions.0.transformer_blocks.0.attn1"
+    is_cross: bool
+    factor: int  # downsampling factor of its feature map relative to the latent
+    heads: int
+
+
+def _attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
+
+
+def _factor(name: str, num_down_blocks: int) -> int:
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return 2 ** int(parts[1])
+    if parts[0] == "up_blocks":
+        return 2 ** (num_down_blocks - 1 - int(parts[1]))
+    return 2 ** (num_down_blocks - 1)  # mid block: resolution of the last down block
+
+
+def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
+    """All attention layers of a diffusers ``UNet2DConditionModel``-shaped U-Net, in module order."""
+    num_down = len(getattr(unet, "down_blocks", []))
+    layers = []
+    for name, module in _attention_modules(unet).items():
+        is_cross = bool(getattr(module, "is_cross_attention", False)) or name.endswith("attn2")
+        layers.append(LayerInfo(name, is_cross, _factor(name, num_down), int(module.heads)))
+    return layers
+
+
+def _components_match(pattern: list[str], name: list[str]) -> bool:
+    """Pattern components match the leading components of a name, each exactly or by glob."""
+    if len(pattern) > len(name):
+        return False
+    return all(fnmatch.fnmatchcase(n, p) for p, n in zip(pattern, name))
+
+
+def _expand(pattern: str) -> list[str]:
+    parts = pattern.strip().split(".")
+    parts[0] = ALIASES.get(parts[0], parts[0])
+    return parts
+
+
+def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Names of the self-attention layers selected by ``patterns``.
+
+    A pattern is a dot-separated prefix of layer names, matched component by component (exactly, or
+    with ``*``/``?`` globs): ``down_blocks.1`` selects every self-attention layer in down block 1 and
+    never down block 10. ``mid``/``down``/``up`` stand for ``mid_block``/``down_blocks``/``up_blocks``.
+    Raises ``ValueError`` listing the valid names when a pattern selects nothing or names a
+    cross-attention layer.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    layers = list_layers(unet)
+    self_layers = [l.name for l in layers if not l.is_cross]
+    cross_layers = [l.name for l in layers if l.is_cross]
+    if not self_layers:
+        raise ValueError("pag_layers: this U-Net has no self-attention layers, so PAG cannot be applied")
+    if not patterns:
+        raise ValueError(f"pag_layers must name at least one layer; valid names: {', '.join(self_layers)}")
+    selected: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(f"pag_layers entries must be non-empty strings, got {pattern!r}")
+        parts = _expand(pattern)
+        hits = [n for n in self_layers if _components_match(parts, n.split("."))]
+        cross_hits = [n for n in cross_layers if _components_match(parts, n.split("."))]
+        if cross_hits and not hits:
+            raise ValueError(
+                f"pag_layers pattern {pattern!r} selects cross-attention layers ({', '.join(cross_hits[:4])}); "
+                f"PAG perturbs self-attention only. Valid self-attention layers: {', '.join(self_layers)}"
+            )
+        if not hits:
+            raise ValueError(f"pag_layers pattern {pattern!r} matches no self-attention layer. Valid names: {', '.join(self_layers)}")
+        selected.extend(h for h in hits if h not in selected)
+    return selected
+
+
+def default_scfg_levels(unet: torch.nn.Module) -> tuple[int, ...]:
+    """latent/4 and latent/8 when the U-Net has attention at both (the reference's choice),
+    else its two coarsest attention levels."""
+    factors = sorted({l.factor for l in list_layers(unet) if l.is_cross})
+    if not factors:
+        raise ValueError("this U-Net has no cross-attention layers, so S-CFG cannot segment the prompt")
+    if 4 in factors and 8 in factors:
+        return (4, 8)
+    return tuple(factors[-2:])
+
+
+def scfg_layers(unet: torch.nn.Module, levels: tuple[int, ...]) -> list[tuple[str, str]]:
+    """(self-attention, cross-attention) layer pairs of the transformer blocks at ``levels``."""
+    layers = list_layers(unet)
+    available = sorted({l.factor for l in layers if l.is_cross})
+    missing = [f for f in levels if f not in available]
+    if missing:
+        raise ValueError(f"scfg levels {missing} have no attention layers in this U-Net; available levels: {available}")
+    by_name = {l.name: l for l in layers}
+    pairs = []
+    for layer in layers:
+        if layer.is_cross and layer.factor in levels:
+            block = layer.name.rsplit(".", 1)[0]
+            partner = by_name.get(block + ".attn1")
+            if partner is None or partner.is_cross:
+                raise ValueError(f"S-CFG needs a self-attention layer beside {layer.name}; none found")
+            pairs.append((partner.name, layer.name))
+    return pairs
+
+
+@dataclass
+class SelfRecord:
+    """Queries and keys of a self-attention layer (rows = recorded batch rows): enough to apply the
+    head-averaged attention matrix to any values with fused attention, never forming it."""
+
+    query: torch.Tensor  # (rows, heads, N, d), float32
+    key: torch.Tensor
+    scale: float
+
+
+@dataclass
+class TapState:
+    """Shared by the taps of one sampling run. The sampler sets the branches of the next U-Net call;
+    taps on recorded layers append what they saw to ``records``."""
+
+    branches: tuple[str, ...] = ()
+    record_branches: tuple[str, ...] = ()
+    records: dict[str, object] = field(default_factory=dict)
+
+    def rows(self, batch: int, wanted: tuple[str, ...]) -> list[slice]:
+        chunk = batch // len(self.branches)
+        return [slice(i * chunk, (i + 1) * chunk) for i, b in enumerate(self.branches) if b in wanted]
+
+
+def _take(tensor: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+    return torch.cat([tensor[s] for s in slices]) if len(slices) != 1 else tensor[slices[0]]
+
+
+class GuidanceAttnProcessor:
+    """Attention processor with two optional taps, otherwise the arithmetic of diffusers'
+    ``AttnProcessor2_0``.
+
+    perturb: rows of the ``perturbed`` branch get the identity attention map (output = V).
+    record: ``"self"`` keeps q/k of the recorded branches; ``"cross"`` keeps their head-averaged
+        attention probabilities (rows x N x T), computed explicitly from q/k (small: T tokens).
+    """
+
+    def __init__(self, name: str, state: TapState, perturb: bool = False, record: str | None = None) -> None:
+        self.name = name
+        self.state = state
+        self.perturb = perturb
+        self.record = record
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        is_self = encoder_hidden_states is None
+        seq_len = hidden_states.shape[1] if is_self else encoder_hidden_states.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if is_self:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        # Rows of the perturbed branch (always the last chunk) skip attention: identity map.
+        n_normal = batch
+        if self.perturb and "perturbed" in self.state.branches:
+            n_normal = batch - batch // len(self.state.branches)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = value.shape[-1]
+        head_dim = inner_dim // attn.heads
+        outputs = []
+        if n_normal > 0:
+            query = attn.to_q(hidden_states[:n_normal])
+            key = attn.to_k(encoder_hidden_states[:n_normal])
+            query = query.view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
+            v = value[:n_normal].view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            mask = attention_mask[:n_normal] if attention_mask is not None else None
+            out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+            outputs.append(out.transpose(1, 2).reshape(n_normal, -1, inner_dim).to(query.dtype))
+            if self.record is not None and self.state.record_branches:
+                self._record(query, key, mask, head_dim, batch)
+        if n_normal < batch:
+            outputs.append(value[n_normal:].to(outputs[0].dtype if outputs else value.dtype))
+        hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, head_dim: int, batch: int) -> None:
+        # Recorded branches (uncond, cond) always lie among the leading, non-perturbed rows.
+        rows = self.state.rows(batch, self.state.record_branches)
+        q = _take(query, rows).float()
+        k = _take(key, rows).float()
+        scale = head_dim**-0.5  # the scale scaled_dot_product_attention used above
+        if self.record == "self":
+            self.state.records[self.name] = SelfRecord(q, k, scale)
+        else:
+            logits = q @ k.transpose(-1, -2) * scale
+            if mask is not None:
+                logits = logits + _take(mask, rows).float()
+            self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
+
+
+@contextlib.contextmanager
+def attention_taps(
+    unet: torch.nn.Module,
+    perturb: list[str] = (),
+    record: list[tuple[str, str]] = (),
+    state: TapState | None = None,
+) -> Iterator[TapState]:
+    """Install taps on the named layers for the duration of the block; always restore.
+
+    perturb: self-attention layers that give the ``perturbed`` branch identity attention.
+    record: (self, cross) layer pairs whose maps S-CFG reads.
+    """
+    state = state or TapState()
+    modules = _attention_modules(unet)
+    plan: dict[str, dict] = {}
+    for name in perturb:
+        plan.setdefault(name, {})["perturb"] = True
+    for self_name, cross_name in record:
+        plan.setdefault(self_name, {})["record"] = "self"
+        plan.setdefault(cross_name, {})["record"] = "cross"
+    unknown = [n for n in plan if n not in modules]
+    if unknown:
+        raise ValueError(f"no attention layer named {unknown}; valid names: {', '.join(modules)}")
+    originals = {name: modules[name].get_processor() for name in plan}
+    try:
+        for name, options in plan.items():
+            modules[name].set_processor(GuidanceAttnProcessor(name, state, **options))
+        yield state
+    finally:
+        for name, processor in originals.items():
+            modules[name].set_processor(processor)
+        state.records.clear()

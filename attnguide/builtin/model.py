@@ -1,0 +1,122 @@
+"""The built-in model: a small latent text-to-image diffusion model in diffusers format.
+
+It is shaped like Stable Diffusion (word tokenizer -> CLIP text encoder -> cross-attention U-Net
+with self-attention at several resolutions and a mid block -> AutoencoderKL), small enough to
+train and sample on a laptop CPU, and loads with plain ``StableDiffusionPipeline.from_pretrained``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import data
+
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+LATENT_SIZE = data.RESOLUTION // 4
+MAX_TOKENS = 24
+SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over the synthetic vocabulary, built offline.
+
+    Like CLIP's, it wraps every prompt as ``<start> words... <end>`` and pads to ``MAX_TOKENS``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in data.vocabulary():
+        vocab[word] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Same split as data.caption_words: words and runs of punctuation.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(r"\w+|[^\w\s]+", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    from tokenizers import normalizers
+
+    core.normalizer = normalizers.Lowercase()
+    core.post_processor = processors.TemplateProcessing(
+        single="<start> $A <end>", special_tokens=[("<start>", vocab["<start>"]), ("<end>", vocab["<end>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<start>",
+        eos_token="<end>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_TOKENS,
+    )
+
+
+def text_encoder_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        bos_token_id=SPECIAL_TOKENS.index("<start>"),
+        eos_token_id=SPECIAL_TOKENS.index("<end>"),
+        projection_dim=128,
+    )
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(text_encoder_config(vocab_size))
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=data.RESOLUTION,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet():
+    """SD-shaped U-Net on 16x16 latents: attention at 16x16 and 8x8, a cross-attention mid block
+    at 4x4, heads of 32 channels (small heads are slow on CPU)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=128,
+        attention_head_dim=(2, 4, 4),  # diffusers' name for the number of heads
+        norm_num_groups=32,
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )

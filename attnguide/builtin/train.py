@@ -1,0 +1,285 @@
+"""Training of the built-in model, resumable, on CPU by default or on a GPU when present.
+
+Two stages: the autoencoder (a few minutes), then the text encoder and U-Net together on latents
+of a fixed pool of rendered scenes, with condition dropout so CFG works and the empty prompt
+gives unconditional samples. A run directory holds everything needed to resume after a kill:
+``state.safetensors`` (weights, EMA weights, optimiser moments) and ``state.json``; both are
+written atomically. The current EMA model is exported as a diffusers folder at every checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data
+from . import model as builtin_model
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/builtin"
+    export: str = str(builtin_model.MODEL_DIR)
+    vae_steps: int = 500
+    vae_batch: int = 32
+    steps: int = 5000
+    batch: int = 64
+    lr: float = 3e-4
+    pool: int = 32000
+    dropout: float = 0.1  # probability of training on the empty prompt
+    ema: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0 = no limit
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "steps", "batch", "vae_batch", "pool", "checkpoint_every"):
+            if getattr(self, name) < 0 or (name != "vae_steps" and name != "steps" and getattr(self, name) == 0):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, run: Path) -> None:
+    tmp = run / "state.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, run / "state.safetensors")
+    tmp_json = run / "state.json.tmp"
+    tmp_json.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_json, run / "state.json")
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, state in enumerate(opt.state_dict()["state"].values()):
+        for key, value in state.items():
+            out[f"{prefix}.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    params = [p for g in sd["param_groups"] for p in g["params"]]
+    state = {}
+    for i, pid in enumerate(params):
+        keys = [k for k in tensors if k.startswith(f"{prefix}.{i}.")]
+        if keys:
+            state[pid] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _load_prefixed(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sub)
+
+
+class _Logger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _train_vae(cfg: TrainConfig, vae, device, run: Path, log: _Logger) -> None:
+    rng = np.random.default_rng(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.vae_steps, 1))
+    vae.train()
+    for step in tqdm(range(cfg.vae_steps), desc="autoencoder"):
+        batch = [data.sample_scene(rng) for _ in range(cfg.vae_batch)]
+        images = torch.from_numpy(data.render_batch(batch)).to(device)
+        # Decode the posterior mean: the diffusion model is trained on means, and sampling noise in
+        # the latent slows this small autoencoder down a lot. A light L2 keeps the latents bounded.
+        latent = vae.encode(images).latent_dist.mean
+        recon = vae.decode(latent).sample
+        rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
+        kl = latent.pow(2).mean()
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            log.write({"stage": "vae", "step": step, "rec": rec.item(), "latent_l2": kl.item()})
+    vae.eval()
+
+
+@torch.no_grad()
+def _encode_pool(cfg: TrainConfig, vae, device) -> tuple[torch.Tensor, list[data.Scene]]:
+    pool = data.scenes(cfg.seed + 2, cfg.pool, "train")
+    latents = []
+    for i in tqdm(range(0, len(pool), 256), desc="encoding scenes"):
+        images = torch.from_numpy(data.render_batch(pool[i : i + 256])).to(device)
+        latents.append(vae.encode(images).latent_dist.mean.cpu())
+    return torch.cat(latents), pool
+
+
+def _export(cfg: TrainConfig, tokenizer, text_encoder, vae, unet_ema) -> None:
+    """Write the EMA model as a diffusers folder (atomically: build beside, then swap)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    target = Path(cfg.export)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet_ema,
+        scheduler=builtin_model.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _captions(scenes_: list[data.Scene], rng: np.random.Generator, dropout: float) -> list[str]:
+    """A fresh caption variant of every scene (size, relation and background words vary);
+    the empty prompt with probability ``dropout``."""
+    out = []
+    for scene in scenes_:
+        if rng.random() < dropout:
+            out.append("")
+        else:
+            out.append(data.recaption(rng, scene).caption)
+    return out
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) the built-in model; returns the exported model folder."""
+    device = _device(cfg.device)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log = _Logger(run / "log.jsonl")
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = builtin_model.build_tokenizer()
+    text_encoder = builtin_model.build_text_encoder(len(tokenizer)).to(device)
+    vae = builtin_model.build_vae().to(device)
+    unet = builtin_model.build_unet().to(device)
+    unet_ema = builtin_model.build_unet().to(device)
+    text_ema = builtin_model.build_text_encoder(len(tokenizer)).to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+
+    meta = {"step": 0, "vae_done": False}
+    state_path = run / "state.safetensors"
+    if state_path.exists():
+        tensors = load_file(str(state_path), device=str(device))
+        meta = json.loads((run / "state.json").read_text())
+        _load_prefixed("vae", vae, tensors)
+        if meta["step"] > 0:
+            for prefix, module in (("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
+                _load_prefixed(prefix, module, tensors)
+            _load_optimizer("opt", opt, tensors)
+        print(f"resuming from step {meta['step']} in {run}")
+
+    def checkpoint() -> None:
+        tensors = _prefixed("vae", vae)
+        if meta["step"] > 0:
+            for prefix, module in (("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
+                tensors.update(_prefixed(prefix, module))
+            tensors.update(_optimizer_tensors("opt", opt))
+        _atomic_save(tensors, meta, run)
+
+    if not meta["vae_done"]:
+        _train_vae(cfg, vae, device, run, log)
+        meta["vae_done"] = True
+        checkpoint()
+    vae.eval().requires_grad_(False)
+
+    latents, pool = _encode_pool(cfg, vae, device)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    log.write({"stage": "pool", "scaling_factor": scaling, "pool": len(pool)})
+
+    if meta["step"] == 0:
+        unet_ema.load_state_dict(unet.state_dict())
+        text_ema.load_state_dict(text_encoder.state_dict())
+    unet_ema.requires_grad_(False)
+    text_ema.requires_grad_(False)
+
+    scheduler = builtin_model.build_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
+    start = time.time()
+    bar = tqdm(range(meta["step"], cfg.steps), desc="diffusion", initial=meta["step"], total=cfg.steps)
+    unet.train()
+    text_encoder.train()
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) * 0.9 + 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.integers(0, len(pool), size=cfg.batch)
+        x0 = latents[idx].to(device)
+        prompts = _captions([pool[i] for i in idx], rng, cfg.dropout)
+        ids = tokenizer(prompts, padding="max_length", max_length=builtin_model.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text_encoder(ids).last_hidden_state
+        pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for ema_m, m in ((unet_ema, unet), (text_ema, text_encoder)):
+                for pe, p in zip(ema_m.parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        meta["step"] = step + 1
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write({"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+        out_of_time = cfg.max_minutes > 0 and (time.time() - start) > cfg.max_minutes * 60
+        if meta["step"] % cfg.checkpoint_every == 0 or meta["step"] == cfg.steps or out_of_time:
+            checkpoint()
+            _export(cfg, tokenizer, text_ema, vae, unet_ema)
+        if out_of_time:
+            print(f"stopping after {cfg.max_minutes} minutes at step {meta['step']}; run again to resume")
+            break
+    if meta["step"] == 0 or not (Path(cfg.export) / "model_index.json").exists():
+        _export(cfg, tokenizer, text_ema, vae, unet_ema)
+    return Path(cfg.export)
