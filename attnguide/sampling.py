@@ -297,9 +297,12 @@ def _mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> t
 
 
 def _segment(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
-    n = next(iter(taps.records.values())).shape[0] if not isinstance(next(iter(taps.records.values())), attention.SelfRecord) else next(iter(taps.records.values())).query.shape[0]
-    chunk = n // len(sources)
-    cond = slice(sources.index("cond") * chunk, (sources.index("cond") + 1) * chunk)
+    """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
+    first = next(iter(taps.records.values()))
+    rows = first.query.shape[0] if isinstance(first, attention.SelfRecord) else first.shape[0]
+    chunk = rows // len(sources)
+    start = sources.index("cond") * chunk
+    cond = slice(start, start + chunk)
     fore = slice(0, chunk) if "uncond" in sources else cond
     return segmentation.segment(
         taps.records, pairs, tuple(latent_hw), opts.mode, opts.power, opts.smoothing, token_rows=cond, foreground_rows=fore

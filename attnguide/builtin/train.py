@@ -29,7 +29,7 @@ from . import model as builtin_model
 class TrainConfig:
     out: str = "runs/builtin"
     export: str = str(builtin_model.MODEL_DIR)
-    vae_steps: int = 500
+    vae_steps: int = 1700
     vae_batch: int = 32
     steps: int = 5000
     batch: int = 64
@@ -107,12 +107,16 @@ class _Logger:
             f.write(json.dumps(record) + "\n")
 
 
-def _train_vae(cfg: TrainConfig, vae, device, run: Path, log: _Logger) -> None:
-    rng = np.random.default_rng(cfg.seed + 1)
+def _train_vae(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log: _Logger) -> None:
+    """Train the autoencoder from step ``meta["vae_step"]`` to ``cfg.vae_steps`` (resumable)."""
+    start = meta.get("vae_step", 0)
+    rng = np.random.default_rng(cfg.seed + 1 + start)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.vae_steps, 1))
     vae.train()
-    for step in tqdm(range(cfg.vae_steps), desc="autoencoder"):
+    for step in tqdm(range(start, cfg.vae_steps), desc="autoencoder", initial=start, total=cfg.vae_steps):
+        # Cosine decay over the planned steps; restarting after a kill keeps the schedule.
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (0.5 * (1 + math.cos(math.pi * step / max(cfg.vae_steps, 1))) * 0.95 + 0.05)
         batch = [data.sample_scene(rng) for _ in range(cfg.vae_batch)]
         images = torch.from_numpy(data.render_batch(batch)).to(device)
         # Decode the posterior mean: the diffusion model is trained on means, and sampling noise in
@@ -120,14 +124,16 @@ def _train_vae(cfg: TrainConfig, vae, device, run: Path, log: _Logger) -> None:
         latent = vae.encode(images).latent_dist.mean
         recon = vae.decode(latent).sample
         rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
-        kl = latent.pow(2).mean()
-        loss = rec + 1e-4 * kl
+        l2 = latent.pow(2).mean()
+        loss = rec + 1e-4 * l2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        meta["vae_step"] = step + 1
         if step % 50 == 0:
-            log.write({"stage": "vae", "step": step, "rec": rec.item(), "latent_l2": kl.item()})
+            log.write({"stage": "vae", "step": step, "rec": rec.item(), "latent_l2": l2.item()})
+        if meta["vae_step"] % 100 == 0:
+            checkpoint()
     vae.eval()
 
 
@@ -199,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
 
-    meta = {"step": 0, "vae_done": False}
+    meta = {"step": 0, "vae_step": 0}
     state_path = run / "state.safetensors"
     if state_path.exists():
         tensors = load_file(str(state_path), device=str(device))
@@ -219,9 +225,8 @@ def train(cfg: TrainConfig) -> Path:
             tensors.update(_optimizer_tensors("opt", opt))
         _atomic_save(tensors, meta, run)
 
-    if not meta["vae_done"]:
-        _train_vae(cfg, vae, device, run, log)
-        meta["vae_done"] = True
+    if meta.get("vae_step", 0) < cfg.vae_steps and meta["step"] == 0:
+        _train_vae(cfg, vae, device, meta, checkpoint, log)
         checkpoint()
     vae.eval().requires_grad_(False)
 

@@ -1,0 +1,1 @@
+"""The built-in model: synthetic data, architecture, training and the shipped weights."""
