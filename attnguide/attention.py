@@ -154,8 +154,18 @@ class TapState:
     records: dict[str, object] = field(default_factory=dict)
 
     def rows(self, batch: int, wanted: tuple[str, ...]) -> list[slice]:
+        """The batch rows of the ``wanted`` branches, adjacent chunks merged into one slice (so
+        taking them is a view, not a copy: uncond + cond are always adjacent)."""
         chunk = batch // len(self.branches)
-        return [slice(i * chunk, (i + 1) * chunk) for i, b in enumerate(self.branches) if b in wanted]
+        merged: list[slice] = []
+        for i, b in enumerate(self.branches):
+            if b not in wanted:
+                continue
+            if merged and merged[-1].stop == i * chunk:
+                merged[-1] = slice(merged[-1].start, (i + 1) * chunk)
+            else:
+                merged.append(slice(i * chunk, (i + 1) * chunk))
+        return merged
 
 
 def _take(tensor: torch.Tensor, slices: list[slice]) -> torch.Tensor:

@@ -1,12 +1,18 @@
 """S-CFG's training-free segmentation and per-region guidance rate (Shen et al., CVPR 2024, Sec. 4).
 
 Pure functions of the attention recorded by the taps: cross-attention maps (N x T per layer) and
-the queries/keys of the paired self-attention layers. The self-attention completion S̄·C is applied
-with fused attention (``scaled_dot_product_attention`` with C as the values, averaged over heads),
-so no N x N matrix is ever formed: O(N·T) memory at any resolution.
+the queries/keys of the paired self-attention layers. The self-attention completion S̄·C uses the
+head-averaged self-attention matrix S̄ (N x N), formed once per layer and step and reused for every
+power, as long as it fits ``SELF_MAP_BUDGET`` bytes (e.g. S-CFG's default 16x16 and 8x8 layers of
+SD 1.5 at 512 px); beyond that (e.g. SDXL's 64x64 layers at 1024 px) S̄·X is computed exactly in
+blocks of query rows, never holding more than the budget, so memory stays bounded at any resolution.
+(``scaled_dot_product_attention`` with C as the values cannot use a fused kernel: C's last dimension,
+the token count, differs from the head dimension, so PyTorch falls back to its math path, which
+materialises every head's N x N map at once, twice per step.)
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,13 +21,25 @@ import torch.nn.functional as F
 
 from .attention import SelfRecord
 
+SELF_MAP_BUDGET = 64 * 2**20  # bytes of float32 attention probabilities held at once by the completion
 
-def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """The reference's smoothing kernel: prod over axes of exp(−((x−μ)/(2σ))²), normalised to sum 1."""
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_kernel64(size: int, sigma: float) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     k1 = torch.exp(-((x / (2 * sigma)) ** 2))
     kernel = torch.outer(k1, k1)
-    return (kernel / kernel.sum()).float()
+    return kernel / kernel.sum()
+
+
+def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """The reference's smoothing kernel: prod over axes of exp(−((x−μ)/(2σ))²), normalised to sum 1."""
+    return _gaussian_kernel64(size, sigma).float()
+
+
+@functools.lru_cache(maxsize=16)
+def _smoothing_weight(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _gaussian_kernel64(3, 0.5).to(device=device, dtype=dtype).view(1, 1, 3, 3)
 
 
 def smooth(maps: torch.Tensor) -> torch.Tensor:
@@ -30,19 +48,46 @@ def smooth(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.reshape(b * c, 1, h, w)
     mode = "reflect" if min(h, w) > 1 else "replicate"  # reflect needs 2+ pixels
     flat = F.pad(flat, (1, 1, 1, 1), mode=mode)
-    kernel = gaussian_kernel().to(maps.device, maps.dtype).view(1, 1, 3, 3)
-    return F.conv2d(flat, kernel).reshape(b, c, h, w)
+    return F.conv2d(flat, _smoothing_weight(maps.device, maps.dtype)).reshape(b, c, h, w)
 
 
-def apply_self_attention(record: SelfRecord, values: torch.Tensor) -> torch.Tensor:
-    """S̄·X with S̄ the head-averaged self-attention map, as one fused attention call.
+def _probabilities(record: SelfRecord, queries: slice, heads: slice) -> torch.Tensor:
+    """Softmax attention probabilities of some heads and query rows: (rows, heads, n_q, N)."""
+    q = record.query[:, heads, queries]
+    logits = torch.matmul(q, record.key[:, heads].transpose(-1, -2))
+    return logits.mul_(record.scale).softmax(dim=-1)
+
+
+def self_attention_map(record: SelfRecord, budget: int = SELF_MAP_BUDGET) -> torch.Tensor | None:
+    """The head-averaged self-attention matrix S̄ (rows, N, N), or ``None`` when S̄ itself would
+    exceed ``budget`` bytes. Heads are processed in groups so the transient stays within budget."""
+    rows, heads, n, _ = record.query.shape
+    size = rows * n * n * 4
+    if size > budget:
+        return None
+    group = max(1, min(heads, budget // size))
+    total = None
+    for start in range(0, heads, group):
+        part = _probabilities(record, slice(None), slice(start, start + group)).sum(dim=1)
+        total = part if total is None else total.add_(part)
+    return total.div_(heads)
+
+
+def apply_self_attention(record: SelfRecord, values: torch.Tensor, budget: int = SELF_MAP_BUDGET) -> torch.Tensor:
+    """S̄·X with S̄ the head-averaged self-attention map, computed in blocks of query rows so that
+    no more than ``budget`` bytes of probabilities exist at once (exact, any resolution).
 
     values: (rows, N, T). Returns (rows, N, T).
     """
-    heads = record.query.shape[1]
-    v = values.unsqueeze(1).expand(-1, heads, -1, -1)
-    out = F.scaled_dot_product_attention(record.query, record.key, v, scale=record.scale)
-    return out.mean(dim=1)
+    rows, heads, n, _ = record.query.shape
+    block = max(1, budget // (rows * heads * n * 4))
+    if block >= n:
+        return torch.matmul(_probabilities(record, slice(None), slice(None)).mean(dim=1), values)
+    out = values.new_empty(rows, n, values.shape[-1])
+    for start in range(0, n, block):
+        probs = _probabilities(record, slice(start, start + block), slice(None)).mean(dim=1)
+        out[:, start:start + block] = torch.matmul(probs, values)
+    return out
 
 
 def complete(cross: torch.Tensor, record: SelfRecord, mode: str, power: int) -> torch.Tensor:
@@ -51,12 +96,17 @@ def complete(cross: torch.Tensor, record: SelfRecord, mode: str, power: int) -> 
     reference: (S̄C + 3·S̄²C) / 4 — what the reference code's loop computes.
     paper: (S̄ + S̄² + … + S̄^R)·C / R — the paper's Eq. (mean of the first R powers).
     """
-    x1 = apply_self_attention(record, cross)
+    s_bar = self_attention_map(record)
+    if s_bar is not None:
+        apply = functools.partial(torch.bmm, s_bar.to(cross.dtype))
+    else:  # too large to hold: recompute S̄ block by block for every power
+        apply = functools.partial(apply_self_attention, record)
+    x1 = apply(cross)
     if mode == "reference":
-        return (x1 + 3 * apply_self_attention(record, x1)) / 4
+        return (x1 + 3 * apply(x1)) / 4
     total, x = x1, x1
     for _ in range(power - 1):
-        x = apply_self_attention(record, x)
+        x = apply(x)
         total = total + x
     return total / power
 

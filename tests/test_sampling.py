@@ -176,3 +176,22 @@ def test_model_without_attention_is_rejected():
     with pytest.raises(ValueError, match="attention"):
         run(pipe, "pag")
     assert run(pipe, "cfg", num_inference_steps=1).images.shape == (1, 32, 32, 3)
+
+
+def test_sd2_shaped_v_prediction_equals_diffusers():
+    """SD 2.x: linear projections in the transformers and a v-prediction scheduler."""
+    from diffusers import DDIMScheduler
+
+    components = sd_components()
+    unet_config = dict(components["unet"].config)
+    unet_config["use_linear_projection"] = True
+    torch.manual_seed(1)
+    components["unet"] = type(components["unet"]).from_config(unet_config).eval()
+    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator().manual_seed(2),
+               output_type="np").images
+    ours = run(pipe, "cfg", prompt="a red circle", guidance_scale=6.0, generator=torch.Generator().manual_seed(2)).images
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert np.isfinite(run(pipe, "scfg+pag", prompt="a red circle", seed=0).images).all()

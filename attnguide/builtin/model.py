@@ -21,7 +21,7 @@ def build_tokenizer():
 
     Like CLIP's, it wraps every prompt as ``<start> words... <end>`` and pads to ``MAX_TOKENS``.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -30,10 +30,8 @@ def build_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Same split as data.caption_words: words and runs of punctuation.
     core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(r"\w+|[^\w\s]+", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
+        [pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
     )
-    from tokenizers import normalizers
-
     core.normalizer = normalizers.Lowercase()
     core.post_processor = processors.TemplateProcessing(
         single="<start> $A <end>", special_tokens=[("<start>", vocab["<start>"]), ("<end>", vocab["<end>"])]

@@ -365,28 +365,36 @@ class Dist:
         return self.rank == 0
 
 
-def distributed() -> Dist:
-    """The process group set up by ``accelerate launch`` (or torchrun), or a single process.
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
-    Uses ``accelerate.PartialState`` when accelerate is installed, else ``torch.distributed``
-    from the RANK/WORLD_SIZE/MASTER_ADDR environment (gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+def distributed() -> Dist:
+    """The process group of ``accelerate launch --multi_gpu`` / torchrun (or of an MPI launch),
+    or a single process when there is none.
+
+    Uses ``accelerate.PartialState`` when accelerate is installed (gloo on a machine without
+    CUDA, so CPU-only multi-process runs work), else ``torch.distributed`` from the
+    RANK/WORLD_SIZE/MASTER_ADDR environment."""
+    import torch
+
+    world = max(int(os.environ.get(v, "1")) for v in WORLD_SIZE_VARS)
     if world <= 1:
         return Dist()
+    cpu = not torch.cuda.is_available()
     try:
         from accelerate import PartialState
     except ImportError:
-        import torch
-        import torch.distributed as torch_dist
+        PartialState = None
+    if PartialState is not None:
+        state = PartialState(cpu=cpu, timeout=timedelta(hours=12))
+        if state.num_processes == world:
+            return Dist(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+    import torch.distributed as torch_dist
 
-        if not torch_dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            torch_dist.init_process_group(backend, timeout=timedelta(hours=12))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), torch_dist.barrier, device)
-    state = PartialState(timeout=timedelta(hours=12))
-    return Dist(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("gloo" if cpu else "nccl", timeout=timedelta(hours=12))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), torch_dist.barrier, "cpu" if cpu else f"cuda:{local}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,6 +728,20 @@ def _image_features(out: Path, records: list[dict[str, Any]], evaluator, progres
     return evaluator.features(np.stack(arrays)) if arrays else np.zeros((0, 1))
 
 
+def data_resolution() -> int:
+    """The evaluator's (and the built-in scenes') image resolution."""
+    from ..builtin import data
+
+    return data.RESOLUTION
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
 def _real_features(meta: dict[str, Any], count: int, evaluator) -> np.ndarray:
     """Evaluator features of ``count`` rendered held-out scenes; the first ones are exactly the
     prompts' scenes (``data.scenes`` is a stream), the rest more of the same distribution."""
@@ -750,6 +772,10 @@ def summarize(out: Path, records: list[dict[str, Any]], meta: dict[str, Any], *,
         feats = {label: all_feats[[index[id(r)] for r in rs]] for label, rs in by_config.items()}
         n_real = max([min_real or meta.get("min_real", 500), *(len(rs) for rs in by_config.values())])
         real = _real_features(meta, n_real, evaluator)
+        size = _image_size(out / records[0]["image"])
+        if size != (data_resolution(), data_resolution()):
+            notes.append(f"Images are {size[0]}x{size[1]}; they were resized (bilinear) to the evaluator's "
+                         f"{data_resolution()}x{data_resolution()} for detection and features.")
         notes.append(f"Fréchet distance: evaluator features of each config's images vs {n_real} rendered held-out "
                      f"scenes (the prompts' own scenes first); it is biased upwards for small image counts, "
                      "so compare configs only at equal n.")
@@ -776,7 +802,7 @@ def summarize(out: Path, records: list[dict[str, Any]], meta: dict[str, Any], *,
 
 SUMMARY_FIELDS = (
     "config", "method", "w", "s", "scale", "n_images", "n_prompts", "fully_correct", "fully_correct_se",
-    "present", "colour_bound", "size_correct", "count_correct", "relation_correct", "fd", "diversity",
+    "fully_correct_1obj", "fully_correct_2obj", "fully_correct_3obj", "present", "colour_bound", "size_correct", "count_correct", "relation_correct", "fd", "diversity",
     "n_diversity_prompts", "clip_score", "unet_evals_per_image", "seconds_per_image",
 )
 
@@ -792,7 +818,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def summary_markdown(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     """The summary as a Markdown table (only columns some row has), with notes below."""
     names = {
-        "config": "config", "n_images": "images", "fully_correct": "fully correct", "present": "present",
+        "config": "config", "n_images": "images", "fully_correct": "fully correct",
+        "fully_correct_1obj": "1 obj", "fully_correct_2obj": "2 obj", "fully_correct_3obj": "3 obj", "present": "present",
         "colour_bound": "colour", "size_correct": "size", "count_correct": "count", "relation_correct": "relation",
         "fd": "FD ↓", "diversity": "diversity", "clip_score": "CLIP score", "unet_evals_per_image": "U-Net evals/img",
         "seconds_per_image": "s/img",
@@ -898,10 +925,16 @@ def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n
 
     \b
     Examples:
-      attnguide eval run --out runs/eval --num-prompts 40 --steps 20
-      attnguide eval run --methods cfg,scfg --scales 2,3.5,5,7.5 --n 4 --out runs/sweep
-      attnguide eval run --methods cfg@5,pag@2,cfg+pag@5/1.5 --prompts prompts.txt --model ./sd15 --out runs/sd
-      accelerate launch --cpu --num_processes 2 -m attnguide.cli eval run --out runs/eval   # sharded
+      attnguide eval run --out outputs/eval --num-prompts 40 --steps 20
+      attnguide eval run --methods cfg,scfg --scales 2,3.5,5,7.5 --n 4 --out outputs/sweep
+      attnguide eval run --methods cfg@5,pag@2,cfg+pag@5/1.5 --prompts prompts.txt --model ./sd15 --out outputs/sd
+      accelerate launch --multi_gpu --num_processes 2 -m attnguide.cli eval run --out outputs/eval
+    \b
+    Sharding: under `accelerate launch --multi_gpu --num_processes N` (torchrun; works on
+    CPU-only machines too, with gloo) or `torchrun --nproc_per_node N -m attnguide.cli eval run`,
+    work unit i (a batch of --batch jobs) runs in process i % N; the main process merges the
+    per-job records after a barrier, identical to a one-process run apart from timing.
+    (`accelerate launch --cpu` starts one process unless an MPI hostfile is configured.)
     """
     try:
         configs = parse_configs(methods, parse_scales(scales), pag_scale, recommended_w(model))
@@ -932,7 +965,7 @@ def report_command(directory, evaluator, min_real, no_plots) -> None:
 
     \b
     Example:
-      attnguide eval report runs/eval
+      attnguide eval report outputs/eval
     """
     rows, notes = report(directory, evaluator_path=evaluator, min_real=min_real, plots=not no_plots, progress=True)
     click.echo(summary_markdown(rows, notes))

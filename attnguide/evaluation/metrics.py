@@ -43,9 +43,9 @@ def geneval_summary(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Alignment summary of a set of ``score_prompt`` results (one per image).
 
     Returns ``n_scored``, ``fully_correct`` (fraction of images with every applicable check
-    passing), ``fully_correct_se`` (its binomial standard error) and, per check of ``CHECKS``,
-    its pass rate over the images it applies to (``None`` when it applies to none) and
-    ``n_<check>``, that number of images.
+    passing), ``fully_correct_se`` (its binomial standard error), per check of ``CHECKS`` its pass
+    rate over the images it applies to (``None`` when it applies to none) and ``n_<check>``, that
+    number of images, and ``fully_correct_<k>obj`` / ``n_<k>obj`` for prompts naming k = 1, 2, 3 objects.
     """
     scores = list(scores)
     for i, s in enumerate(scores):
@@ -55,6 +55,10 @@ def geneval_summary(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n_scored": n, "fully_correct": fully, "fully_correct_se": standard_error(fully, n)}
     for check in CHECKS:
         out[check], out[f"n_{check}"] = rate(s.get(check) for s in scores)
+    # Fully correct by the number of objects the prompt names (GenEval reports single/two objects apart).
+    for count in (1, 2, 3):
+        subset = [s for s in scores if s.get("n_prompt_objects") == count]
+        out[f"fully_correct_{count}obj"], out[f"n_{count}obj"] = rate(s["fully_correct"] for s in subset)
     return out
 
 

@@ -1,0 +1,37 @@
+"""Smoke test of the benchmark (tiny model, 2 steps, 1 repeat): it runs every method and peer,
+reports finite positive numbers and writes valid JSON. No timing assertions."""
+import json
+import math
+
+from click.testing import CliRunner
+
+from attnguide.cli import main
+from attnguide.evaluation.bench import METHOD_NAMES, PEER_NAMES, format_report
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_smoke(tmp_path):
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "1",
+                                       "--memory", "shared", "--json", str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads(path.read_text())
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind
+    (res,) = report["results"]
+    assert (res["height"], res["width"]) == (32, 32)
+    assert set(res["configs"]) == set(METHOD_NAMES) | set(PEER_NAMES)
+    for name, c in res["configs"].items():
+        assert len(c["step_s"]) == 2 and all(_positive(s) for s in c["step_s"]), name
+        assert _positive(c["step_ms"]) and _positive(c["image_s"]), name
+        mem = c["memory"]
+        assert _positive(mem["denoise_peak_mb"]) and _positive(mem["run_peak_mb"]), name
+        assert math.isfinite(mem["denoise_delta_mb"]) and math.isfinite(mem["run_delta_mb"]), name
+        assert _positive(res["ratios"][name]["step"]), name
+    assert res["ratios"]["cfg"]["step"] == 1.0
+    assert {b["bar"] for b in res["bars"]} and all(_positive(b["ratio"]) for b in res["bars"])
+    for name in METHOD_NAMES + PEER_NAMES:
+        assert f"| {name} |" in result.output
+    assert format_report(report) in result.output
