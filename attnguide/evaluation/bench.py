@@ -948,7 +948,7 @@ def bench(model, model_path, steps, batch, heights, widths, repeats, warmup, dty
             device=device, methods=method_list, peers=peer_names, memory=memory, seed=seed, guidance_scale=guidance_scale,
             pag_scale=pag_scale, prompt=prompt, model_path=model_path, json_path=json_path,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(format_report(report))
     if json_path:
