@@ -172,6 +172,29 @@ def _take(tensor: torch.Tensor, slices: list[slice]) -> torch.Tensor:
     return torch.cat([tensor[s] for s in slices]) if len(slices) != 1 else tensor[slices[0]]
 
 
+def processor_input(attn, hidden_states: torch.Tensor, temb=None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """The start every diffusers attention processor shares: spatial norm and (B, C, H, W) -> (B, HW, C).
+    Returns (tokens, residual, 4-D shape or None)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = None
+    if hidden_states.ndim == 4:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.view(shape[0], shape[1], shape[2] * shape[3]).transpose(1, 2)
+    return hidden_states, residual, shape
+
+
+def processor_output(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape: tuple | None) -> torch.Tensor:
+    """The shared end: output projection, back to 4-D, residual connection and rescale."""
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class GuidanceAttnProcessor:
     """Attention processor with two optional taps, otherwise the arithmetic of diffusers'
     ``AttnProcessor2_0``.
@@ -188,13 +211,7 @@ class GuidanceAttnProcessor:
         self.record = record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, residual, shape = processor_input(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
         is_self = encoder_hidden_states is None
         seq_len = hidden_states.shape[1] if is_self else encoder_hidden_states.shape[1]
@@ -234,14 +251,7 @@ class GuidanceAttnProcessor:
         if n_normal < batch:
             outputs.append(value[n_normal:].to(outputs[0].dtype if outputs else value.dtype))
         hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return processor_output(attn, hidden_states, residual, shape)
 
     def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, head_dim: int, batch: int) -> None:
         # Recorded branches (uncond, cond) always lie among the leading, non-perturbed rows.

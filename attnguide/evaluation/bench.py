@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import click
 import torch
+from ..attention import processor_input, processor_output
 
 MODELS = ("tiny", "builtin", "sd15", "sdxl")
 METHOD_NAMES = ("none", "cfg", "pag", "cfg+pag", "scfg", "scfg+pag")
@@ -299,13 +300,7 @@ class ExplicitAttnProcessor:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, residual, shape = processor_input(attn, hidden_states, temb)
         batch, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
         if attn.group_norm is not None:
@@ -323,13 +318,7 @@ class ExplicitAttnProcessor:
         probs = attn.get_attention_scores(query, key, attention_mask)  # (batch * heads, N, T), explicit
         self.store.add(self.name, self.factor, probs.view(-1, attn.heads, *probs.shape[1:]).mean(dim=1))
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return processor_output(attn, hidden_states, residual, shape)
 
 
 @contextlib.contextmanager
