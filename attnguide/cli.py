@@ -127,13 +127,14 @@ def layers(model, show_all) -> None:
 @click.option("--export", default=None, help="Where to write the diffusers model [default: the package's built-in model folder].")
 @click.option("--steps", type=click.IntRange(0), default=3000, help="Diffusion training steps.")
 @click.option("--vae-steps", type=click.IntRange(0), default=1700, help="Autoencoder training steps.")
+@click.option("--decoder-steps", type=click.IntRange(0), default=0, help="Decoder-only fine-tuning steps after the diffusion stage (encoder frozen).")
 @click.option("--batch", type=click.IntRange(1), default=64)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250)
 @click.option("--max-minutes", type=click.FloatRange(0), default=0.0, help="Stop after a checkpoint once this much time passed (0: no limit).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--seed", type=int, default=0)
-def train(out, export, steps, vae_steps, batch, lr, checkpoint_every, max_minutes, device, seed) -> None:
+def train(out, export, steps, vae_steps, decoder_steps, batch, lr, checkpoint_every, max_minutes, device, seed) -> None:
     """Train (or resume training) the built-in model on synthetic scenes.
 
     \b
@@ -143,7 +144,7 @@ def train(out, export, steps, vae_steps, batch, lr, checkpoint_every, max_minute
     from .builtin.train import TrainConfig
     from .builtin.train import train as run_training
 
-    cfg = TrainConfig(out=out, steps=steps, vae_steps=vae_steps, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
+    cfg = TrainConfig(out=out, steps=steps, vae_steps=vae_steps, decoder_steps=decoder_steps, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
                       max_minutes=max_minutes, device=device, seed=seed)
     if export:
         cfg.export = export

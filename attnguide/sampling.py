@@ -109,6 +109,10 @@ def _prompt_tokens(pipe, prompts: list[str], n_per_prompt: int) -> list[list[str
 
 
 def _decode(pipe, latents: torch.Tensor, output_type: str):
+    """Images from the final latents; ``"latent"`` returns them as sampled (as diffusers does),
+    without running the VAE."""
+    if output_type == "latent":
+        return latents
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     try:
@@ -126,8 +130,6 @@ def _decode(pipe, latents: torch.Tensor, output_type: str):
     finally:
         if upcast:
             vae.to(torch.float16)
-    if output_type == "latent":
-        return latents
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 

@@ -308,3 +308,22 @@ def test_render_masks_match_rendered_pixels(split):
             ys, xs = np.nonzero(masks[k])
             assert abs(xs.mean() + 0.5 - obj.cx) < 1.0 and abs(ys.mean() + 0.5 - obj.cy) < 3.0
     assert checked > 1000
+
+
+def test_accuracy_through_the_builtin_autoencoder():
+    result = CliRunner().invoke(ev.evaluator_cli, ["accuracy", "--n", "4", "--seed", "1", "--through-vae", "builtin"])
+    assert result.exit_code == 0, result.output
+    assert "through the autoencoder of builtin" in result.output
+    bad = CliRunner().invoke(ev.evaluator_cli, ["accuracy", "--n", "4", "--through-vae", "/nonexistent"])
+    assert bad.exit_code != 0 and "--through-vae" in bad.output
+
+
+def test_round_trip_through_an_autoencoder_keeps_shape_and_range():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    images = data.render_batch(data.scenes(0, 3, "train"))
+    out = ev.round_trip(vae, images, batch_size=2)
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= -1 and out.max() <= 1
+    assert not np.allclose(out, images)  # a random autoencoder cannot reproduce them

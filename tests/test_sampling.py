@@ -25,6 +25,20 @@ def test_cfg_equals_diffusers(sd_pipe, seed):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+def test_latent_output_equals_diffusers_and_skips_the_vae(sd_pipe):
+    ref = sd_pipe("a red circle on a gray background", num_inference_steps=STEPS, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0), output_type="latent").images
+    decodes = []
+    original_decode = sd_pipe.vae.decode
+    sd_pipe.vae.decode = lambda *a, **k: decodes.append(1) or original_decode(*a, **k)
+    try:
+        ours = run(sd_pipe, "cfg", guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    finally:
+        del sd_pipe.vae.decode
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert decodes == []
+
+
 @pytest.mark.parametrize("method,w", [("cfg+pag", 5.0), ("pag", 1.0)])
 @pytest.mark.parametrize("layers", ["mid", "down.1"])
 def test_pag_equals_diffusers_pag_pipeline(method, w, layers):

@@ -160,3 +160,16 @@ def test_overlay_has_legend():
     assert img.size == (128, 128 + 3 * 14 + 4)
     arr = np.asarray(img)
     assert tuple(arr[10, 10]) != tuple(arr[10, 100])  # different tokens, different colours
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (4, 4), (8, 12), (1, 5)])
+def test_resample_equals_interpolate_then_smooth(size):
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    interpolated = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(segmentation.resample(x, size, smoothing=False), interpolated, rtol=0, atol=1e-12)
+    if min(size) > 1:  # reflect padding needs two pixels; a single row or column is replicated
+        torch.testing.assert_close(segmentation.resample(x, size, smoothing=True), smooth64(interpolated), rtol=0, atol=1e-12)
+    else:
+        k = segmentation.gaussian_kernel_1d()
+        expected = F.conv1d(F.pad(interpolated.reshape(-1, 1, size[1]), (1, 1), mode="reflect"), k.view(1, 1, 3))
+        torch.testing.assert_close(segmentation.resample(x, size, smoothing=True), expected.view(interpolated.shape), rtol=0, atol=1e-12)

@@ -16,6 +16,10 @@ MAX_TOKENS = 24
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
 
+# Sampling settings recommended for this model; written as attnguide.json beside every export and
+# read by `attnguide generate` and `attnguide eval` when no value is given.
+RECOMMENDED = {"guidance_scale": 5.0, "pag_scale": 2.0, "num_inference_steps": 30}
+
 def build_tokenizer():
     """A word-level fast tokenizer over the synthetic vocabulary, built offline.
 

@@ -1,8 +1,9 @@
 """Training of the built-in model, resumable, on CPU by default or on a GPU when present.
 
-Two stages: the autoencoder (a few minutes), then the text encoder and U-Net together on latents
-of a fixed pool of rendered scenes, with condition dropout so CFG works and the empty prompt
-gives unconditional samples. A run directory holds everything needed to resume after a kill:
+Three stages: the autoencoder (a few minutes); the text encoder and U-Net together on latents of
+a fixed pool of rendered scenes, with condition dropout so CFG works and the empty prompt gives
+unconditional samples; then the decoder alone, with the encoder frozen, so it sharpens images
+without moving the latent space the U-Net has learned. A run directory holds everything needed to resume after a kill:
 ``state.safetensors`` (weights, EMA weights, optimiser moments) and ``state.json``; both are
 written atomically. The current EMA model is exported as a diffusers folder at every checkpoint.
 """
@@ -31,6 +32,7 @@ class TrainConfig:
     export: str = str(builtin_model.MODEL_DIR)
     vae_steps: int = 1700
     vae_batch: int = 32
+    decoder_steps: int = 0  # decoder-only fine-tuning after the diffusion stage
     steps: int = 5000
     batch: int = 64
     lr: float = 3e-4
@@ -43,8 +45,9 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0 = no limit
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "steps", "batch", "vae_batch", "pool", "checkpoint_every"):
-            if getattr(self, name) < 0 or (name != "vae_steps" and name != "steps" and getattr(self, name) == 0):
+        may_be_zero = ("vae_steps", "steps", "decoder_steps")
+        for name in ("vae_steps", "steps", "decoder_steps", "batch", "vae_batch", "pool", "checkpoint_every"):
+            if getattr(self, name) < 0 or (name not in may_be_zero and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -137,6 +140,44 @@ def _train_vae(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log: _Logg
     vae.eval()
 
 
+def _finetune_decoder(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log: _Logger, deadline: float) -> bool:
+    """Train the decoder alone from ``meta["decoder_step"]`` to ``cfg.decoder_steps`` on the
+    posterior means of the frozen encoder (resumable; the Adam moments restart on resume).
+    Returns False if it stopped at ``deadline`` (a ``time.time()``) before finishing."""
+    start = meta.get("decoder_step", 0)
+    if start >= cfg.decoder_steps:
+        return True
+    rng = np.random.default_rng(cfg.seed + 5 + start)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    for step in tqdm(range(start, cfg.decoder_steps), desc="decoder", initial=start, total=cfg.decoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * (0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)) * 0.9 + 0.1)
+        images = torch.from_numpy(data.render_batch([data.sample_scene(rng) for _ in range(cfg.vae_batch)])).to(device)
+        with torch.no_grad():
+            latent = vae.encode(images).latent_dist.mean
+        recon = vae.decode(latent).sample
+        loss = (recon - images).abs().mean() + F.mse_loss(recon, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        meta["decoder_step"] = step + 1
+        if step % 50 == 0:
+            log.write({"stage": "decoder", "step": step, "rec": loss.item()})
+        out_of_time = time.time() > deadline
+        if meta["decoder_step"] % cfg.checkpoint_every == 0 or out_of_time:
+            checkpoint()
+        if out_of_time:
+            break
+    vae.eval().requires_grad_(False)
+    checkpoint()
+    return meta["decoder_step"] >= cfg.decoder_steps
+
+
 @torch.no_grad()
 def _encode_pool(cfg: TrainConfig, vae, device) -> tuple[torch.Tensor, list[data.Scene]]:
     pool = data.scenes(cfg.seed + 2, cfg.pool, "train")
@@ -167,6 +208,7 @@ def _export(cfg: TrainConfig, tokenizer, text_encoder, vae, unet_ema) -> None:
         requires_safety_checker=False,
     )
     pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    (tmp / "attnguide.json").write_text(json.dumps(builtin_model.RECOMMENDED))
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -187,8 +229,59 @@ def _captions(scenes_: list[data.Scene], rng: np.random.Generator, dropout: floa
     return out
 
 
+def _train_diffusion(cfg: TrainConfig, models: tuple, opt, params, latents, pool, meta: dict, checkpoint, export, log: _Logger, deadline: float) -> bool:
+    """Train the text encoder and U-Net from ``meta["step"]`` to ``cfg.steps`` with EMA copies,
+    checkpointing and exporting every ``cfg.checkpoint_every`` steps. Returns False if it stopped
+    at ``deadline`` before finishing."""
+    tokenizer, text_encoder, unet, text_ema, unet_ema = models
+    device = next(unet.parameters()).device
+    scheduler = builtin_model.build_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
+    bar = tqdm(range(meta["step"], cfg.steps), desc="diffusion", initial=meta["step"], total=cfg.steps)
+    unet.train()
+    text_encoder.train()
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) * 0.9 + 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.integers(0, len(pool), size=cfg.batch)
+        x0 = latents[idx].to(device)
+        prompts = _captions([pool[i] for i in idx], rng, cfg.dropout)
+        ids = tokenizer(prompts, padding="max_length", max_length=builtin_model.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text_encoder(ids).last_hidden_state
+        pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for ema_m, m in ((unet_ema, unet), (text_ema, text_encoder)):
+                for pe, p in zip(ema_m.parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        meta["step"] = step + 1
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write({"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
+        out_of_time = time.time() > deadline
+        if meta["step"] % cfg.checkpoint_every == 0 or meta["step"] == cfg.steps or out_of_time:
+            checkpoint()
+            export()
+        if out_of_time:
+            return False
+    return True
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) the built-in model; returns the exported model folder."""
+    start_time = time.time()
     device = _device(cfg.device)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -230,11 +323,12 @@ def train(cfg: TrainConfig) -> Path:
         checkpoint()
     vae.eval().requires_grad_(False)
 
-    latents, pool = _encode_pool(cfg, vae, device)
-    scaling = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
-    log.write({"stage": "pool", "scaling_factor": scaling, "pool": len(pool)})
+    deadline = start_time + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    if meta["step"] < cfg.steps or "scaling_factor" not in meta:
+        latents, pool = _encode_pool(cfg, vae, device)
+        meta["scaling_factor"] = 1.0 / latents.std().item()
+        log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool)})
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
 
     if meta["step"] == 0:
         unet_ema.load_state_dict(unet.state_dict())
@@ -242,49 +336,18 @@ def train(cfg: TrainConfig) -> Path:
     unet_ema.requires_grad_(False)
     text_ema.requires_grad_(False)
 
-    scheduler = builtin_model.build_scheduler()
-    alphas = scheduler.alphas_cumprod.to(device)
-    rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
-    start = time.time()
-    bar = tqdm(range(meta["step"], cfg.steps), desc="diffusion", initial=meta["step"], total=cfg.steps)
-    unet.train()
-    text_encoder.train()
-    for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) * 0.9 + 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = rng.integers(0, len(pool), size=cfg.batch)
-        x0 = latents[idx].to(device)
-        prompts = _captions([pool[i] for i in idx], rng, cfg.dropout)
-        ids = tokenizer(prompts, padding="max_length", max_length=builtin_model.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = text_encoder(ids).last_hidden_state
-        pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for ema_m, m in ((unet_ema, unet), (text_ema, text_encoder)):
-                for pe, p in zip(ema_m.parameters(), m.parameters()):
-                    pe.lerp_(p, 1 - decay)
-        meta["step"] = step + 1
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write({"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
-        out_of_time = cfg.max_minutes > 0 and (time.time() - start) > cfg.max_minutes * 60
-        if meta["step"] % cfg.checkpoint_every == 0 or meta["step"] == cfg.steps or out_of_time:
-            checkpoint()
-            _export(cfg, tokenizer, text_ema, vae, unet_ema)
-        if out_of_time:
-            print(f"stopping after {cfg.max_minutes} minutes at step {meta['step']}; run again to resume")
-            break
-    if meta["step"] == 0 or not (Path(cfg.export) / "model_index.json").exists():
+    def export() -> None:
         _export(cfg, tokenizer, text_ema, vae, unet_ema)
+
+    finished = True
+    if meta["step"] < cfg.steps:
+        models = (tokenizer, text_encoder, unet, text_ema, unet_ema)
+        finished = _train_diffusion(cfg, models, opt, params, latents * meta["scaling_factor"], pool, meta, checkpoint, export, log, deadline)
+    if finished and meta.get("decoder_step", 0) < cfg.decoder_steps:
+        finished = _finetune_decoder(cfg, vae, device, meta, checkpoint, log, deadline)
+        export()
+    if not finished:
+        print(f"stopping after {cfg.max_minutes} minutes; run the same command again to resume")
+    if meta["step"] == 0 or not (Path(cfg.export) / "model_index.json").exists():
+        export()
     return Path(cfg.export)
