@@ -35,3 +35,19 @@ def test_bench_smoke(tmp_path):
     for name in METHOD_NAMES + PEER_NAMES:
         assert f"| {name} |" in result.output
     assert format_report(report) in result.output
+
+
+def test_segment_bench_smoke(tmp_path):
+    """benchmarks/segment_bench.py runs on the tiny model and compares two module versions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "segmentation_copy.py"
+    copy.write_text((root / "attnguide" / "segmentation.py").read_text())
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "segment_bench.py"), "--model", "tiny",
+                          "--rounds", "1", "--compare", str(copy)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "max score difference 0.00e+00; masks equal: True" in out.stdout
+    assert "compared: median" in out.stdout and "current: median" in out.stdout
