@@ -326,7 +326,8 @@ def train(cfg: TrainConfig) -> Path:
     deadline = start_time + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     if meta["step"] < cfg.steps or "scaling_factor" not in meta:
         latents, pool = _encode_pool(cfg, vae, device)
-        meta["scaling_factor"] = 1.0 / latents.std().item()
+        # Fixed once: the U-Net learns latents at this scale, whatever later stages do.
+        meta.setdefault("scaling_factor", 1.0 / latents.std().item())
         log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool)})
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
 
