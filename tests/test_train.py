@@ -7,11 +7,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from attnguide.builtin.train import TrainConfig, train
+from attnguide.builtin.train import SHARD_BYTES, TrainConfig, _load_state, train
 
 
 def _state(run):
-    return load_file(str(run / "state.safetensors")), json.loads((run / "state.json").read_text())
+    files = json.loads((run / "state.json").read_text())["files"]
+    assert sorted(p.name for p in run.glob("*.safetensors")) == sorted(files)  # old shards removed
+    assert all((run / f).stat().st_size < SHARD_BYTES + 2**20 for f in files)
+    return _load_state(run, torch.device("cpu"))
 
 
 def _part(tensors, prefix):

@@ -4,8 +4,9 @@ Three stages: the autoencoder (a few minutes); the text encoder and U-Net togeth
 a fixed pool of rendered scenes, with condition dropout so CFG works and the empty prompt gives
 unconditional samples; then the decoder alone, with the encoder frozen, so it sharpens images
 without moving the latent space the U-Net has learned. A run directory holds everything needed to resume after a kill:
-``state.safetensors`` (weights, EMA weights, optimiser moments) and ``state.json``; both are
-written atomically. The current EMA model is exported as a diffusers folder at every checkpoint.
+``state-*.safetensors`` shards (weights, EMA weights, optimiser moments, each file < 40 MB) and
+``state.json``, which lists them; a checkpoint is switched atomically. The current EMA model is
+exported as a diffusers folder at every checkpoint.
 """
 from __future__ import annotations
 
@@ -63,13 +64,48 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+SHARD_BYTES = 40 * 2**20  # training-state files stay well below the 50 MB a repository file may take
+
+
+def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split the state into groups of at most ``SHARD_BYTES`` (one tensor may exceed it alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, run: Path) -> None:
-    tmp = run / "state.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, run / "state.safetensors")
+    """Write the state as new shard files, then switch ``state.json`` (which lists them) in one
+    rename, then delete the previous shards: a kill at any point leaves a consistent state."""
+    tag = time.time_ns()
+    files = []
+    for i, shard in enumerate(_shards(tensors)):
+        name = f"state-{tag}-{i:02d}.safetensors"
+        save_file(shard, str(run / name))
+        files.append(name)
     tmp_json = run / "state.json.tmp"
-    tmp_json.write_text(json.dumps(meta, indent=1))
+    tmp_json.write_text(json.dumps({**meta, "files": files}, indent=1))
     os.replace(tmp_json, run / "state.json")
+    for old in [*run.glob("state-*.safetensors"), run / "state.safetensors"]:
+        if old.name not in files:
+            old.unlink(missing_ok=True)
+
+
+def _load_state(run: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and meta of a run's checkpoint (also the single-file layout of older runs)."""
+    meta = json.loads((run / "state.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for name in meta.pop("files", ["state.safetensors"]):
+        tensors.update(load_file(str(run / name), device=str(device)))
+    return tensors, meta
 
 
 def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -299,10 +335,8 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
 
     meta = {"step": 0, "vae_step": 0}
-    state_path = run / "state.safetensors"
-    if state_path.exists():
-        tensors = load_file(str(state_path), device=str(device))
-        meta = json.loads((run / "state.json").read_text())
+    if (run / "state.json").exists():
+        tensors, meta = _load_state(run, device)
         _load_prefixed("vae", vae, tensors)
         if meta["step"] > 0:
             for prefix, module in (("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
