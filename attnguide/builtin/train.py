@@ -204,13 +204,12 @@ def _finetune_decoder(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log
         meta["decoder_step"] = step + 1
         if step % 50 == 0:
             log.write({"stage": "decoder", "step": step, "rec": loss.item()})
-        out_of_time = time.time() > deadline
-        if meta["decoder_step"] % cfg.checkpoint_every == 0 or out_of_time:
-            checkpoint()
-        if out_of_time:
+        if time.time() > deadline:
             break
+        if meta["decoder_step"] % cfg.checkpoint_every == 0:
+            checkpoint()
     vae.eval().requires_grad_(False)
-    checkpoint()
+    checkpoint()  # also when stopped at the deadline
     return meta["decoder_step"] >= cfg.decoder_steps
 
 
