@@ -49,7 +49,10 @@ def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
     num_down = len(getattr(unet, "down_blocks", []))
     layers = []
     for name, module in _attention_modules(unet).items():
-        is_cross = bool(getattr(module, "is_cross_attention", False)) or name.endswith("attn2")
+        # diffusers' own flag (also what its PAG pipelines use): AnimateDiff's motion modules have
+        # an "attn2" that is self-attention (double_self_attention), so the name alone misleads.
+        flag = getattr(module, "is_cross_attention", None)
+        is_cross = bool(flag) if flag is not None else name.endswith("attn2")
         layers.append(LayerInfo(name, is_cross, _factor(name, num_down), int(module.heads)))
     return layers
 
@@ -195,77 +198,96 @@ def processor_output(attn, hidden_states: torch.Tensor, residual: torch.Tensor, 
     return hidden_states / attn.rescale_output_factor
 
 
-class GuidanceAttnProcessor:
-    """Attention processor with two optional taps, otherwise the arithmetic of diffusers'
-    ``AttnProcessor2_0``.
+def _rows_of(value, rows: slice, batch: int):
+    """``value[rows]`` for a per-row tensor (leading dimension ``batch``); anything else unchanged."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
 
-    perturb: rows of the ``perturbed`` branch get the identity attention map (output = V).
+
+class GuidanceAttnProcessor:
+    """A tap around a layer's own attention processor (which keeps doing the real attention, so
+    IP-Adapter, LoRA or any custom processor keeps working).
+
+    perturb: rows of the ``perturbed`` branch get PAG's identity attention map, so the layer's
+        output there is ``to_out(to_v(h))`` (Ahn et al., eq. 9 with A = I); the other rows go
+        through the layer's own processor.
     record: ``"self"`` keeps q/k of the recorded branches; ``"cross"`` keeps their head-averaged
         attention probabilities (rows x N x T), computed explicitly from q/k (small: T tokens).
     """
 
-    def __init__(self, name: str, state: TapState, perturb: bool = False, record: str | None = None) -> None:
+    def __init__(self, name: str, state: "TapState", inner, perturb: bool = False, record: str | None = None) -> None:
         self.name = name
         self.state = state
+        self.inner = inner
         self.perturb = perturb
         self.record = record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        hidden_states, residual, shape = processor_input(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
-        is_self = encoder_hidden_states is None
-        seq_len = hidden_states.shape[1] if is_self else encoder_hidden_states.shape[1]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if is_self:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if self.record is not None and self.state.record_branches:
+            self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        perturbed = self.state.rows(batch, ("perturbed",)) if self.perturb and "perturbed" in self.state.branches else []
+        if not perturbed:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        # The perturbed chunk is always the last one (guidance.BRANCH_ORDER).
+        start = perturbed[0].start
+        normal, ptb = slice(0, start), slice(start, batch)
+        parts = []
+        if start > 0:
+            parts.append(self.inner(
+                attn, hidden_states[normal], _rows_of(encoder_hidden_states, normal, batch),
+                _rows_of(attention_mask, normal, batch), _rows_of(temb, normal, batch), *args,
+                **{k: _rows_of(v, normal, batch) for k, v in kwargs.items()},
+            ))
+        parts.append(identity_attention(attn, hidden_states[ptb], _rows_of(temb, ptb, batch)))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-        # Rows of the perturbed branch (always the last chunk) skip attention: identity map.
-        n_normal = batch
-        if self.perturb and "perturbed" in self.state.branches:
-            n_normal = batch - batch // len(self.state.branches)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = value.shape[-1]
-        head_dim = inner_dim // attn.heads
-        outputs = []
-        if n_normal > 0:
-            query = attn.to_q(hidden_states[:n_normal])
-            key = attn.to_k(encoder_hidden_states[:n_normal])
-            query = query.view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
-            v = value[:n_normal].view(n_normal, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            mask = attention_mask[:n_normal] if attention_mask is not None else None
-            out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-            outputs.append(out.transpose(1, 2).reshape(n_normal, -1, inner_dim).to(query.dtype))
-            if self.record is not None and self.state.record_branches:
-                self._record(query, key, mask, head_dim, batch)
-        if n_normal < batch:
-            outputs.append(value[n_normal:].to(outputs[0].dtype if outputs else value.dtype))
-        hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return processor_output(attn, hidden_states, residual, shape)
-
-    def _record(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, head_dim: int, batch: int) -> None:
-        # Recorded branches (uncond, cond) always lie among the leading, non-perturbed rows.
+    def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> None:
+        """Keep q/k (self) or head-averaged probabilities (cross) of the recorded rows, computed
+        from the layer's own projections as its processor computes them."""
+        batch = hidden_states.shape[0]
         rows = self.state.rows(batch, self.state.record_branches)
-        q = _take(query, rows).float()
-        k = _take(key, rows).float()
-        scale = head_dim**-0.5  # the scale scaled_dot_product_attention used above
+        tokens, _, _ = processor_input(attn, _take(hidden_states, rows), _take(temb, rows) if torch.is_tensor(temb) else temb)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        if self.record == "self" or encoder_hidden_states is None:
+            context = tokens
+        else:
+            context = encoder_hidden_states[0] if isinstance(encoder_hidden_states, (tuple, list)) else encoder_hidden_states
+            context = _take(context, rows)
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+        n = tokens.shape[0]
+        query = attn.to_q(tokens)
+        key = attn.to_k(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(n, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(n, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        q, k = query.float(), key.float()
+        scale = attn.scale  # the scale the layer's own attention uses
         if self.record == "self":
             self.state.records[self.name] = SelfRecord(q, k, scale)
-        else:
-            logits = q @ k.transpose(-1, -2) * scale
-            if mask is not None:
-                logits = logits + _take(mask, rows).float()
-            self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
+            return
+        logits = q @ k.transpose(-1, -2) * scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+            logits = logits + _take(mask, rows).float()
+        self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
+
+
+def identity_attention(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:
+    """A self-attention layer whose attention map is the identity: each token attends only to
+    itself, so the output is ``to_out(to_v(h))`` (PAG's perturbation, Ahn et al. Sec. 4)."""
+    tokens, residual, shape = processor_input(attn, hidden_states, temb)
+    if attn.group_norm is not None:
+        tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+    return processor_output(attn, attn.to_v(tokens), residual, shape)
 
 
 @contextlib.contextmanager
@@ -291,10 +313,10 @@ def attention_taps(
     unknown = [n for n in plan if n not in modules]
     if unknown:
         raise ValueError(f"no attention layer named {unknown}; valid names: {', '.join(modules)}")
-    originals = {name: modules[name].get_processor() for name in plan}
+    originals = {name: modules[name].processor for name in plan}
     try:
         for name, options in plan.items():
-            modules[name].set_processor(GuidanceAttnProcessor(name, state, **options))
+            modules[name].set_processor(GuidanceAttnProcessor(name, state, originals[name], **options))
         yield state
     finally:
         for name, processor in originals.items():

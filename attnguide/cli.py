@@ -1,7 +1,6 @@
 """The ``attnguide`` command line."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -42,12 +41,15 @@ def main() -> None:
 @click.option("--scfg-mode", type=click.Choice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
 @click.option("--height", type=click.IntRange(1), default=None)
 @click.option("--width", type=click.IntRange(1), default=None)
+@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None, help="Start from this image (img2img).")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.6, help="img2img/inpainting: how much of --image is re-noised.")
+@click.option("--mask-image", type=click.Path(exists=True, dir_okay=False), default=None, help="Inpaint where this mask is white (needs --image).")
 @click.option("--masks", is_flag=True, help="Also save S-CFG mask overlays (last step).")
 @click.option("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32")
 @click.option("--out", type=click.Path(file_okay=False), default="outputs", help="Output folder.")
 def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, guidance_scale, pag_scale, pag_layers,
-             scfg_mode, height, width, masks, device, dtype, out) -> None:
+             scfg_mode, height, width, init_image, strength, mask_image, masks, device, dtype, out) -> None:
     """Generate images, one PNG each, plus a comparison grid when several methods are given.
 
     \b
@@ -55,14 +57,18 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
       attnguide generate --prompt "a red circle to the left of a blue square" --method scfg+pag --n 4
       attnguide generate --prompt "a small green cross" --method cfg,pag,cfg+pag,scfg,scfg+pag --masks
       attnguide generate --model ./my-sd15 --prompt "a photo of a cat" --method cfg+pag --device cuda --dtype float16
+      attnguide generate --prompt "a blue square" --image in.png --strength 0.6 --method cfg+pag
+      attnguide generate --prompt "a green cross" --image in.png --mask-image mask.png --method scfg
     """
     from . import sampling
-    from .pipelines import load_pipeline
+    from .pipelines import load_pipeline, recommended_settings
     from .report import image_grid
 
     methods = _methods(methods)
+    if mask_image is not None and init_image is None:
+        raise click.BadParameter("--mask-image needs --image (the picture to inpaint)", param_hint="--mask-image")
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    w = guidance_scale if guidance_scale is not None else _recommended_scale(pipe)
+    w = guidance_scale if guidance_scale is not None else recommended_settings(pipe)["guidance_scale"]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []
@@ -71,27 +77,20 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
             pipe, list(prompts), method=method, guidance_scale=w, pag_scale=pag_scale,
             pag_layers=[p for p in pag_layers.split(",") if p], num_inference_steps=steps,
             negative_prompt=negative_prompt, height=height, width=width, num_images_per_prompt=num_images,
-            seed=seed, return_masks=masks, mask_steps=[steps - 1] if masks else None, scfg={"mode": scfg_mode},
+            seed=seed, return_masks=masks, mask_steps=None, scfg={"mode": scfg_mode},
+            image=init_image, strength=strength, mask_image=mask_image,
         )
         for k, image in enumerate(result.images):
             p, i = divmod(k, num_images)
             name = f"{_slug(prompts[p])}_{method.replace('+', '-')}_seed{seed + i}"
             image.save(out_dir / f"{name}.png")
-            if masks:
+            if masks and result.masks is not None:
                 result.masks.render(k, image).save(out_dir / f"{name}_masks.png")
         rows.append(result.images)
         labels.append(method)
     if len(methods) > 1:
         image_grid(rows, labels).save(out_dir / "grid.png")
     click.echo(f"wrote {sum(len(r) for r in rows)} images to {out_dir}/" + (" (and grid.png)" if len(methods) > 1 else ""))
-
-
-def _recommended_scale(pipe) -> float:
-    """The model's recommended CFG scale when its folder names one (attnguide.json), else 7.5."""
-    path = Path(getattr(pipe, "name_or_path", "") or "") / "attnguide.json"
-    if path.is_file():
-        return float(json.loads(path.read_text()).get("guidance_scale", 7.5))
-    return 7.5
 
 
 @main.command()
@@ -123,31 +122,33 @@ def layers(model, show_all) -> None:
 
 
 @main.command()
-@click.option("--out", default="runs/builtin", help="Run folder (checkpoints, log); rerun to resume.")
-@click.option("--export", default=None, help="Where to write the diffusers model [default: the package's built-in model folder].")
-@click.option("--steps", type=click.IntRange(0), default=3000, help="Diffusion training steps.")
-@click.option("--vae-steps", type=click.IntRange(0), default=1700, help="Autoencoder training steps.")
-@click.option("--decoder-steps", type=click.IntRange(0), default=0, help="Decoder-only fine-tuning steps after the diffusion stage (encoder frozen).")
+@click.option("--out", default="runs/builtin", help="Run folder (checkpoints, log); rerun the same command to resume.")
+@click.option("--export", default=None, help="Where to write the diffusers model [default: OUT/model; never the installed package unless named here].")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None, help="Continue from this exported model folder (its weights and patch autoencoder).")
+@click.option("--steps", type=click.IntRange(1), default=5000, help="Diffusion training steps (the cosine schedule spans them).")
 @click.option("--batch", type=click.IntRange(1), default=64)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4)
+@click.option("--warmup", type=click.IntRange(0), default=200, help="Linear learning-rate warm-up steps.")
+@click.option("--grounding", type=click.FloatRange(0), default=0.1, help="Weight of each grounding term (token, pixel, self); 0 turns them off.")
+@click.option("--pool", type=click.IntRange(1), default=32000, help="Rendered training scenes.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250)
 @click.option("--max-minutes", type=click.FloatRange(0), default=0.0, help="Stop after a checkpoint once this much time passed (0: no limit).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--seed", type=int, default=0)
-def train(out, export, steps, vae_steps, decoder_steps, batch, lr, checkpoint_every, max_minutes, device, seed) -> None:
+def train(out, export, init_from, steps, batch, lr, warmup, grounding, pool, checkpoint_every, max_minutes, device, seed) -> None:
     """Train (or resume training) the built-in model on synthetic scenes.
 
     \b
-    Example (about two hours on 2 CPU cores):
+    Examples:
       attnguide train --out runs/builtin --max-minutes 120
+      attnguide train --out runs/more --init-from runs/builtin/model --steps 3000
     """
     from .builtin.train import TrainConfig
     from .builtin.train import train as run_training
 
-    cfg = TrainConfig(out=out, steps=steps, vae_steps=vae_steps, decoder_steps=decoder_steps, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
-                      max_minutes=max_minutes, device=device, seed=seed)
-    if export:
-        cfg.export = export
+    cfg = TrainConfig(out=out, export=export, init_from=init_from, steps=steps, batch=batch, lr=lr, warmup=warmup,
+                      grounding=grounding, pool=pool, checkpoint_every=checkpoint_every, max_minutes=max_minutes,
+                      device=device, seed=seed)
     click.echo(f"model written to {run_training(cfg)}")
 
 

@@ -11,9 +11,48 @@ from dataclasses import dataclass, field
 
 import torch
 
-METHODS = ("none", "cfg", "pag", "cfg+pag", "scfg", "scfg+pag")
 BRANCH_ORDER = ("uncond", "cond", "perturbed")  # perturbed last: taps slice it off cheaply
 SCFG_MODES = ("reference", "paper")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A guidance method: which text-guidance term it uses (none, CFG or S-CFG) and whether PAG
+    is added. The one registry of methods: the engine, ``generate``, the CLI, the evaluation
+    harness and the benchmark all read ``REGISTRY``; a new method is one entry here (plus its
+    rule in ``combine``)."""
+
+    name: str
+    text: str | None  # None, "cfg" or "scfg"
+    pag: bool
+
+    @property
+    def uses_cfg(self) -> bool:
+        """It needs the unconditional branch and the scale w."""
+        return self.text is not None
+
+    @property
+    def uses_scfg(self) -> bool:
+        return self.text == "scfg"
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Branches of a step where every term is active."""
+        return tuple(b for b in BRANCH_ORDER if b == "cond" or (b == "uncond" and self.uses_cfg) or (b == "perturbed" and self.pag))
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("none", None, False),
+        Method("cfg", "cfg", False),
+        Method("pag", None, True),
+        Method("cfg+pag", "cfg", True),
+        Method("scfg", "scfg", False),
+        Method("scfg+pag", "scfg", True),
+    )
+}
+METHODS = tuple(REGISTRY)
 
 
 def _check_number(name: str, value: float, minimum: float = 0.0) -> None:
@@ -102,15 +141,15 @@ class GuidanceConfig:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.method in ("cfg", "cfg+pag", "scfg", "scfg+pag")
+        return REGISTRY[self.method].uses_cfg
 
     @property
     def uses_scfg(self) -> bool:
-        return self.method.startswith("scfg")
+        return REGISTRY[self.method].uses_scfg
 
     @property
     def uses_pag(self) -> bool:
-        return self.method.endswith("pag")
+        return REGISTRY[self.method].pag
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,22 @@
-"""The sampling loop: batch builder -> U-Net with taps -> guidance rule -> scheduler.
+"""``generate``: images from a diffusers pipeline with CFG, PAG, S-CFG or a combination, in one call.
 
-``generate`` runs any diffusers Stable Diffusion (1.x/2.x) or SDXL text-to-image pipeline with
-CFG, PAG, S-CFG or their combinations, one batched U-Net call per step holding exactly the
-branches the active terms need. The pipeline is only read: its scheduler is copied, its U-Net's
-processors are restored on exit (also when sampling raises).
+A thin user of the engine (``engine.guide``): it builds the working pipeline for the workflow
+(text-to-image, img2img with ``image``, inpainting with ``image`` + ``mask_image``) from the
+components of the pipeline it is given, with a copy of its scheduler, and calls it inside
+``guide``. The given pipeline is only read.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from . import attention, segmentation
-from .guidance import GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
+from . import segmentation
+from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
+from .guidance import GuidanceConfig, SCFGOptions
 
-DEFAULT_PAG_LAYERS = ("mid",)
-
-
-@dataclass
-class StepInfo:
-    """What one denoising step saw and produced; passed to ``callback``."""
-
-    step: int
-    timestep: torch.Tensor
-    plan: StepPlan
-    predictions: dict[str, torch.Tensor]
-    guided: torch.Tensor
-    segmentation: segmentation.Segmentation | None
-    rate: torch.Tensor | None
+__all__ = ["GenerationResult", "StepInfo", "generate"]
 
 
 @dataclass
@@ -44,10 +30,6 @@ class GenerationResult:
     branches_per_step: list[tuple[str, ...]] = field(default_factory=list)
 
 
-def _is_sdxl(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2") and hasattr(pipe, "_get_add_time_ids")
-
-
 def _as_list(value, name: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -59,7 +41,7 @@ def _as_list(value, name: str) -> list[str]:
 def _check_pipe(pipe) -> None:
     missing = [a for a in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents") if not hasattr(pipe, a)]
     if missing:
-        raise ValueError(f"pipe must be a diffusers Stable Diffusion or SDXL text-to-image pipeline; it lacks {missing}")
+        raise ValueError(f"pipe must be a diffusers Stable Diffusion or SDXL pipeline; it lacks {missing}")
 
 
 def _check_size(pipe, height: int, width: int) -> None:
@@ -84,57 +66,30 @@ def _generators(seed, generator, batch: int, device) -> torch.Generator | list[t
     return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
-def _encode(pipe, prompts, negative, n_per_prompt, need_uncond, device, clip_skip):
-    """Embeddings per branch, using the pipeline's own encoder (so behaviour matches diffusers)."""
-    if _is_sdxl(pipe):
-        pe, ne, pooled, npooled = pipe.encode_prompt(
-            prompts, None, device, n_per_prompt, need_uncond, negative, None, clip_skip=clip_skip
-        )
-        return {"cond": pe, "uncond": ne}, {"cond": pooled, "uncond": npooled}
-    pe, ne = pipe.encode_prompt(prompts, device, n_per_prompt, need_uncond, negative, clip_skip=clip_skip)
-    return {"cond": pe, "uncond": ne}, None
+def _working_pipeline(pipe, scheduler, image, mask_image):
+    """The pipeline for the workflow, sharing ``pipe``'s components (nothing is copied but the
+    scheduler, so ``pipe`` itself is never changed)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-
-def _time_ids(pipe, pooled, height, width, dtype, device):
-    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-    ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=proj)
-    return ids.to(device).repeat(pooled.shape[0], 1)
-
-
-def _prompt_tokens(pipe, prompts: list[str], n_per_prompt: int) -> list[list[str]]:
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]
-    return [t for t in tokens for _ in range(n_per_prompt)]
-
-
-def _decode(pipe, latents: torch.Tensor, output_type: str):
-    """Images from the final latents; ``"latent"`` returns them as sampled (as diffusers does),
-    without running the VAE."""
-    if output_type == "latent":
-        return latents
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    auto = AutoPipelineForText2Image if image is None else (AutoPipelineForImage2Image if mask_image is None else AutoPipelineForInpainting)
     try:
-        if upcast:
-            vae.to(torch.float32)
-        latents = latents.to(vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image, output_type=output_type)
+        work = auto.from_pipe(pipe, scheduler=scheduler)
+    except ValueError as error:
+        raise ValueError(f"image/mask_image: no {auto.__name__[15:]} pipeline for {type(pipe).__name__} ({error})") from None
+    work.set_progress_bar_config(disable=True)
+    return work
 
 
-def _model_has_attention(unet) -> bool:
-    return any(True for _ in attention.list_layers(unet))
+def _open_image(value, name: str):
+    """A PIL image from a PIL image or a path."""
+    from PIL import Image
+
+    if value is None or isinstance(value, Image.Image):
+        return value
+    try:
+        return Image.open(value).convert("RGB")
+    except (OSError, TypeError) as error:
+        raise ValueError(f"{name} must be a PIL image or the path of an image file, got {value!r} ({error})") from None
 
 
 @torch.no_grad()
@@ -153,6 +108,9 @@ def generate(
     num_images_per_prompt: int = 1,
     generator: torch.Generator | list[torch.Generator] | None = None,
     seed: int | Sequence[int] | None = None,
+    image=None,
+    strength: float = 0.8,
+    mask_image=None,
     return_masks: bool = False,
     mask_steps: Sequence[int] | None = None,
     cfg_window: tuple[float, float] = (0.0, 1.0),
@@ -169,13 +127,16 @@ def generate(
     """Sample images with CFG, PAG, S-CFG or a combination, on a diffusers SD/SDXL pipeline.
 
     Args:
-        pipe: a diffusers ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` (or one shaped like them).
+        pipe: a diffusers ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` (or any pipeline
+            of those families: its components are reused for the workflow).
         prompt: one prompt or a list; ``negative_prompt`` the same count (or one string for all).
         method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``.
-        guidance_scale: w of CFG/S-CFG. pag_scale: s of PAG.
-        pag_layers: self-attention layers PAG perturbs (names or component patterns; see
-            ``attnguide.attention.select_self_attention``); default the mid block.
+        guidance_scale: w of CFG/S-CFG (> 1 for the methods that use it; ignored by ``none``/``pag``).
+        pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
+            patterns; ``attnguide layers`` lists them); default the mid block.
         seed: an int (image i gets seed + i) or one int per image; or pass ``generator``.
+        image, strength: img2img from ``image`` (PIL image or path); with ``mask_image`` too,
+            inpainting (white = repaint).
         return_masks: also return S-CFG's per-token masks (for ``mask_steps``, default every step).
         cfg_window / pag_window: fractions [start, stop) of the steps where each term is active.
         scfg: ``SCFGOptions`` or a dict of its fields (mode, levels, power, smoothing, rate_min, rate_max, cap).
@@ -193,6 +154,8 @@ def generate(
         method=method, guidance_scale=guidance_scale, pag_scale=pag_scale, cfg_window=cfg_window,
         pag_window=pag_window, guidance_rescale=guidance_rescale, scfg=scfg or SCFGOptions(),
     )
+    if config.uses_cfg and guidance_scale <= 1:
+        raise ValueError(f"guidance_scale must be > 1 for method {method!r} (it is CFG's w), got {guidance_scale!r}")
     prompts = _as_list(prompt, "prompt")
     negatives = None
     if negative_prompt is not None:
@@ -207,105 +170,41 @@ def generate(
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}")
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if mask_image is not None and image is None:
+        raise ValueError("mask_image needs image (the picture to inpaint)")
+    image, mask_image = _open_image(image, "image"), _open_image(mask_image, "mask_image")
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height = default_size if height is None else height
     width = default_size if width is None else width
     _check_size(pipe, height, width)
-    unet = pipe.unet
-    needs_attention = config.uses_pag or config.uses_scfg or return_masks
-    if needs_attention and not _model_has_attention(unet):
-        raise ValueError(f"method {method!r}{' with return_masks' if return_masks else ''} needs attention layers; this U-Net has none")
-    perturb_layers = attention.select_self_attention(unet, pag_layers) if config.uses_pag else []
-    segmenting = config.uses_scfg or return_masks
-    levels = (config.scfg.levels or attention.default_scfg_levels(unet)) if segmenting else ()
-    pairs = attention.scfg_layers(unet, levels) if segmenting else []
-    factors = {l.name: l.factor for l in attention.list_layers(unet)}
-    batch = len(prompts) * num_images_per_prompt
-    generators = _generators(seed, generator, batch, "cpu")
     if mask_steps is not None and any(not 0 <= s < num_inference_steps for s in mask_steps):
         raise ValueError(f"mask_steps must lie in [0, {num_inference_steps}), got {list(mask_steps)!r}")
+    batch = len(prompts) * num_images_per_prompt
+    generators = _generators(seed, generator, batch, "cpu")
 
-    # --- prepare ---------------------------------------------------------------------------------
-    device = pipe._execution_device if hasattr(pipe, "_execution_device") else unet.device
-    plans = [plan_step(config, i, num_inference_steps) for i in range(num_inference_steps)]
-    need_uncond = any("uncond" in p.branches for p in plans)
-    embeds, pooled = _encode(pipe, prompts, negatives, num_images_per_prompt, need_uncond, device, clip_skip)
-    added = None
-    if pooled is not None:
-        time_ids = _time_ids(pipe, pooled["cond"], height, width, embeds["cond"].dtype, device)
-        added = {b: {"text_embeds": p, "time_ids": time_ids} for b, p in pooled.items() if p is not None}
+    # --- run the user's workflow inside the engine ------------------------------------------------
     sched = scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
-    sched.set_timesteps(num_inference_steps, device=device)
-    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, embeds["cond"].dtype, device, generators)
-    step_kwargs = {}
-    accepted = set(inspect.signature(sched.step).parameters)
-    if "eta" in accepted:
-        step_kwargs["eta"] = eta
-    if "generator" in accepted:
-        step_kwargs["generator"] = generators
-    masks = segmentation.MaskSet(_prompt_tokens(pipe, prompts, num_images_per_prompt)) if return_masks else None
-    record_pairs = [(s, c) for s, c in pairs]
-    seg_pairs = [(s, c, factors[c]) for s, c in pairs]
-    result = GenerationResult(images=[])
-
-    # --- denoise -----------------------------------------------------------------------------------
-    with attention.attention_taps(unet, perturb=perturb_layers, record=record_pairs) as taps:
-        for i, t in enumerate(tqdm(sched.timesteps, desc=f"sampling ({method})", disable=not progress)):
-            plan = plans[i]
-            want_masks = return_masks and (mask_steps is None or i in mask_steps)
-            sources = _mask_sources(plan, config, want_masks)
-            taps.branches = plan.branches
-            taps.record_branches = sources
-            taps.records.clear()
-            model_in = sched.scale_model_input(torch.cat([latents] * len(plan.branches)), t)
-            kwargs = {}
-            if added is not None:
-                kwargs["added_cond_kwargs"] = {
-                    k: torch.cat([added[b if b != "perturbed" else "cond"][k] for b in plan.branches])
-                    for k in ("text_embeds", "time_ids")
-                }
-            context = torch.cat([embeds[b if b != "perturbed" else "cond"] for b in plan.branches])
-            noise = unet(model_in, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
-            predictions = dict(zip(plan.branches, noise.chunk(len(plan.branches))))
-            seg = rate = None
-            if sources:
-                seg = _segment(taps, sources, seg_pairs, latents.shape[-2:], config.scfg)
-            if plan.scfg:
-                opts = config.scfg
-                rate = segmentation.scfg_rate(
-                    predictions["uncond"], predictions["cond"], seg, config.guidance_scale,
-                    opts.rate_min, opts.rate_max, opts.cap, opts.smoothing,
-                ).to(noise.dtype)
-            guided = combine(predictions, plan, config, rate)
-            latents = sched.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
-            result.unet_evaluations += len(plan.branches)
-            result.branches_per_step.append(plan.branches)
-            if want_masks and seg is not None:
-                masks.steps[i] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
-            if callback is not None:
-                callback(StepInfo(i, t, plan, predictions, guided, seg, rate))
-    result.images = _decode(pipe, latents, output_type)
-    result.masks = masks
-    return result
-
-
-def _mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:
-    """Branches whose attention the segmentation reads this step (none if nothing needs masks)."""
-    if not (plan.scfg or want_masks):
-        return ()
-    if config.scfg.mode == "reference" and "uncond" in plan.branches:
-        return ("uncond", "cond")  # tokens from the conditional half, foreground from the unconditional
-    return ("cond",)
-
-
-def _segment(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
-    """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
-    first = next(iter(taps.records.values()))
-    rows = first.query.shape[0] if isinstance(first, attention.SelfRecord) else first.shape[0]
-    chunk = rows // len(sources)
-    start = sources.index("cond") * chunk
-    cond = slice(start, start + chunk)
-    fore = slice(0, chunk) if "uncond" in sources else cond
-    return segmentation.segment(
-        taps.records, pairs, tuple(latent_hw), opts.mode, opts.power, opts.smoothing, token_rows=cond, foreground_rows=fore
+    work = _working_pipeline(pipe, sched, image, mask_image)
+    work.set_progress_bar_config(disable=not progress, desc=f"sampling ({method})")
+    kwargs = dict(
+        prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale if config.uses_cfg else 1.0, num_images_per_prompt=num_images_per_prompt,
+        generator=generators, eta=eta, clip_skip=clip_skip, output_type=output_type,
     )
+    if image is None or mask_image is not None:
+        kwargs.update(height=height, width=width)
+    if image is not None:
+        kwargs.update(image=image, strength=strength)
+    if mask_image is not None:
+        kwargs["mask_image"] = mask_image
+    with guide(work, method, pag_scale=pag_scale, pag_layers=pag_layers, cfg_window=cfg_window, pag_window=pag_window,
+               guidance_rescale=guidance_rescale, scfg=config.scfg, return_masks=return_masks, mask_steps=mask_steps,
+               callback=callback) as run:
+        out = work(**kwargs)
+    images = out.images
+    if output_type == "pt":
+        images = images.float()
+    return GenerationResult(images=images, masks=run.masks, unet_evaluations=run.unet_evaluations,
+                            branches_per_step=run.branches_per_step)

@@ -1,7 +1,8 @@
 """The built-in model: a small latent text-to-image diffusion model in diffusers format.
 
 It is shaped like Stable Diffusion (word tokenizer -> CLIP text encoder -> cross-attention U-Net
-with self-attention at several resolutions and a mid block -> AutoencoderKL), small enough to
+with self-attention at several resolutions and a mid block -> a linear patch autoencoder with
+AutoencoderKL's interface), small enough to
 train and sample on a laptop CPU, and loads with plain ``StableDiffusionPipeline.from_pretrained``.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
 # Sampling settings recommended for this model; written as attnguide.json beside every export and
 # read by `attnguide generate` and `attnguide eval` when no value is given.
-RECOMMENDED = {"guidance_scale": 5.0, "pag_scale": 2.0, "num_inference_steps": 30}
+# S-CFG levels 1 and 2 are this U-Net's 16x16 and 8x8 attention layers: cells of 1/16 and 1/8 of the
+# image, as the reference reads SD 1.5's 16x16 and 8x8 layers at 512 px.
+RECOMMENDED = {"guidance_scale": 5.0, "pag_scale": 2.0, "num_inference_steps": 30, "scfg_levels": [1, 2]}
 
 def build_tokenizer():
     """A word-level fast tokenizer over the synthetic vocabulary, built offline.
@@ -73,32 +76,15 @@ def build_text_encoder(vocab_size: int):
     return CLIPTextModel(text_encoder_config(vocab_size))
 
 
-def build_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=data.RESOLUTION,
-        mid_block_add_attention=False,
-    )
-
-
-def build_unet():
+def build_unet(latent_channels: int = 8):
     """SD-shaped U-Net on 16x16 latents: attention at 16x16 and 8x8, a cross-attention mid block
     at 4x4, heads of 32 channels (small heads are slow on CPU)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(64, 128, 128),

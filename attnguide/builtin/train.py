@@ -1,18 +1,27 @@
-"""Training of the built-in model, resumable, on CPU by default or on a GPU when present.
+"""Training of the built-in model, resumable, on CPU or a GPU.
 
-Three stages: the autoencoder (a few minutes); the text encoder and U-Net together on latents of
-a fixed pool of rendered scenes, with condition dropout so CFG works and the empty prompt gives
-unconditional samples; then the decoder alone, with the encoder frozen, so it sharpens images
-without moving the latent space the U-Net has learned. A run directory holds everything needed to resume after a kill:
-``state-*.safetensors`` shards (weights, EMA weights, optimiser moments, each file < 40 MB) and
-``state.json``, which lists them; a checkpoint is switched atomically. The current EMA model is
-exported as a diffusers folder at every checkpoint.
+Two stages:
+
+1. The autoencoder: a PCA of 4x4 patches of rendered scenes (``autoencoder.py``), fitted in
+   seconds; a continuation (``init_from``) keeps the folder's autoencoder, so the latent space the
+   U-Net learned never moves.
+2. The caption encoder and U-Net together on latents of a fixed pool of rendered scenes, with
+   condition dropout (CFG and the empty prompt work) and the grounding losses of ``grounding.py``
+   weighted by ᾱ(t) (the attention can only know where objects are once the image shows them).
+
+A run folder holds everything needed to resume after a kill: ``state-*.safetensors`` shards
+(weights, EMA weights, Adam moments; each file ≤ 15 MB, so it also travels through size-limited
+transfers) listed by ``state.json``, which is switched atomically. The EMA model is exported as a
+diffusers folder at every checkpoint, to ``OUT/model`` unless ``export`` names another folder:
+training never writes into the installed package unless asked to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,39 +32,57 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, grounding
 from . import model as builtin_model
+from .autoencoder import PatchAutoencoder, fit_patch_autoencoder
 
 
 @dataclass
 class TrainConfig:
     out: str = "runs/builtin"
-    export: str = str(builtin_model.MODEL_DIR)
-    vae_steps: int = 1700
-    vae_batch: int = 32
-    decoder_steps: int = 0  # decoder-only fine-tuning after the diffusion stage
+    export: str | None = None  # default: OUT/model
+    init_from: str | None = None  # a diffusers folder of this model family to continue from
     steps: int = 5000
     batch: int = 64
     lr: float = 3e-4
+    warmup: int = 200
     pool: int = 32000
     dropout: float = 0.1  # probability of training on the empty prompt
+    grounding: float = 0.1  # weight of each grounding term; 0 turns them off
     ema: float = 0.999
     checkpoint_every: int = 250
+    autoencoder_scenes: int = 2048
+    latent_channels: int = 8
     seed: int = 0
     device: str = "auto"
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0 = no limit
 
     def __post_init__(self) -> None:
-        may_be_zero = ("vae_steps", "steps", "decoder_steps")
-        for name in ("vae_steps", "steps", "decoder_steps", "batch", "vae_batch", "pool", "checkpoint_every"):
-            if getattr(self, name) < 0 or (name not in may_be_zero and getattr(self, name) == 0):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        for name in ("steps", "batch", "pool", "checkpoint_every", "autoencoder_scenes", "latent_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        for name, low, high in (("dropout", 0.0, 1.0), ("ema", 0.0, 1.0)):
+            if not low <= getattr(self, name) < high:
+                raise ValueError(f"{name} must be in [{low}, {high}), got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.grounding >= 0 and math.isfinite(self.grounding)):
+            raise ValueError(f"grounding must be a non-negative number, got {self.grounding!r}")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
+            raise ValueError(f"init_from must be a diffusers model folder with a model_index.json, got {self.init_from!r}")
+        if self.export is not None and Path(self.export).resolve() == Path(self.out).resolve():
+            raise ValueError("export must not be the run folder itself")
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export) if self.export else Path(self.out) / "model"
 
 
 def _device(name: str) -> torch.device:
@@ -64,7 +91,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-SHARD_BYTES = 40 * 2**20  # training-state files stay well below the 50 MB a repository file may take
+# --- checkpoint files -------------------------------------------------------------------------
+
+SHARD_BYTES = 15 * 2**20
 
 
 def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -83,8 +112,8 @@ def _shards(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, run: Path) -> None:
-    """Write the state as new shard files, then switch ``state.json`` (which lists them) in one
-    rename, then delete the previous shards: a kill at any point leaves a consistent state."""
+    """Write new shard files, switch ``state.json`` (which lists them) with one rename, then delete
+    the previous shards: a kill at any point leaves a consistent state."""
     tag = time.time_ns()
     files = []
     for i, shard in enumerate(_shards(tensors)):
@@ -94,23 +123,22 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, run: Path) -> Non
     tmp_json = run / "state.json.tmp"
     tmp_json.write_text(json.dumps({**meta, "files": files}, indent=1))
     os.replace(tmp_json, run / "state.json")
-    for old in [*run.glob("state-*.safetensors"), run / "state.safetensors"]:
+    for old in run.glob("state-*.safetensors"):
         if old.name not in files:
             old.unlink(missing_ok=True)
 
 
 def _load_state(run: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and meta of a run's checkpoint (also the single-file layout of older runs)."""
     meta = json.loads((run / "state.json").read_text())
     tensors: dict[str, torch.Tensor] = {}
-    for name in meta.pop("files", ["state.safetensors"]):
+    for name in meta.pop("files"):
         tensors.update(load_file(str(run / name), device=str(device)))
     return tensors, meta
 
 
 def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
-    for i, state in enumerate(opt.state_dict()["state"].values()):
+    for i, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             out[f"{prefix}.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return out
@@ -118,12 +146,11 @@ def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, tor
 
 def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     sd = opt.state_dict()
-    params = [p for g in sd["param_groups"] for p in g["params"]]
-    state = {}
-    for i, pid in enumerate(params):
-        keys = [k for k in tensors if k.startswith(f"{prefix}.{i}.")]
-        if keys:
-            state[pid] = {k.rsplit(".", 1)[1]: tensors[k] for k in keys}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, index, name = key.rsplit(".", 2)
+            state.setdefault(int(index), {})[name] = value
     sd["state"] = state
     opt.load_state_dict(sd)
 
@@ -133,8 +160,7 @@ def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_prefixed(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    module.load_state_dict(sub)
+    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
 class _Logger:
@@ -146,100 +172,38 @@ class _Logger:
             f.write(json.dumps(record) + "\n")
 
 
-def _train_vae(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log: _Logger) -> None:
-    """Train the autoencoder from step ``meta["vae_step"]`` to ``cfg.vae_steps`` (resumable)."""
-    start = meta.get("vae_step", 0)
-    rng = np.random.default_rng(cfg.seed + 1 + start)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    vae.train()
-    for step in tqdm(range(start, cfg.vae_steps), desc="autoencoder", initial=start, total=cfg.vae_steps):
-        # Cosine decay over the planned steps; restarting after a kill keeps the schedule.
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * (0.5 * (1 + math.cos(math.pi * step / max(cfg.vae_steps, 1))) * 0.95 + 0.05)
-        batch = [data.sample_scene(rng) for _ in range(cfg.vae_batch)]
-        images = torch.from_numpy(data.render_batch(batch)).to(device)
-        # Decode the posterior mean: the diffusion model is trained on means, and sampling noise in
-        # the latent slows this small autoencoder down a lot. A light L2 keeps the latents bounded.
-        latent = vae.encode(images).latent_dist.mean
-        recon = vae.decode(latent).sample
-        rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
-        l2 = latent.pow(2).mean()
-        loss = rec + 1e-4 * l2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meta["vae_step"] = step + 1
-        if step % 50 == 0:
-            log.write({"stage": "vae", "step": step, "rec": rec.item(), "latent_l2": l2.item()})
-        if meta["vae_step"] % 100 == 0:
-            checkpoint()
-    vae.eval()
+# --- models -----------------------------------------------------------------------------------
+
+def _load_matching(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor whose name and shape match; returns the names left at initialisation."""
+    own = module.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
 
 
-def _finetune_decoder(cfg: TrainConfig, vae, device, meta: dict, checkpoint, log: _Logger, deadline: float) -> bool:
-    """Train the decoder alone from ``meta["decoder_step"]`` to ``cfg.decoder_steps`` on the
-    posterior means of the frozen encoder (resumable; the Adam moments restart on resume).
-    Returns False if it stopped at ``deadline`` (a ``time.time()``) before finishing."""
-    start = meta.get("decoder_step", 0)
-    if start >= cfg.decoder_steps:
-        return True
-    rng = np.random.default_rng(cfg.seed + 5 + start)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    vae.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    vae.decoder.train()
-    for step in tqdm(range(start, cfg.decoder_steps), desc="decoder", initial=start, total=cfg.decoder_steps):
-        for group in opt.param_groups:
-            group["lr"] = 5e-4 * (0.5 * (1 + math.cos(math.pi * step / cfg.decoder_steps)) * 0.9 + 0.1)
-        images = torch.from_numpy(data.render_batch([data.sample_scene(rng) for _ in range(cfg.vae_batch)])).to(device)
-        with torch.no_grad():
-            latent = vae.encode(images).latent_dist.mean
-        recon = vae.decode(latent).sample
-        loss = (recon - images).abs().mean() + F.mse_loss(recon, images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meta["decoder_step"] = step + 1
-        if step % 50 == 0:
-            log.write({"stage": "decoder", "step": step, "rec": loss.item()})
-        if time.time() > deadline:
-            break
-        if meta["decoder_step"] % cfg.checkpoint_every == 0:
-            checkpoint()
-    vae.eval().requires_grad_(False)
-    checkpoint()  # also when stopped at the deadline
-    return meta["decoder_step"] >= cfg.decoder_steps
+def _init_from(folder: Path, text_encoder, unet, log: _Logger) -> PatchAutoencoder | None:
+    """Continue from an exported model: its text encoder and U-Net weights (tensors of another
+    shape, e.g. the latent convolutions of another autoencoder, stay freshly initialised), and
+    its autoencoder when it is a patch autoencoder (so the latent space stays the same)."""
+    fresh_text = _load_matching(text_encoder, load_file(str(folder / "text_encoder" / "model.safetensors")))
+    fresh_unet = _load_matching(unet, load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+    log.write({"stage": "init", "from": str(folder), "fresh_text": fresh_text, "fresh_unet": fresh_unet})
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    if vae_config.get("_class_name") != "PatchAutoencoder":
+        return None
+    return PatchAutoencoder.from_pretrained(folder / "vae", use_safetensors=True)
 
 
-@torch.no_grad()
-def _encode_pool(cfg: TrainConfig, vae, device) -> tuple[torch.Tensor, list[data.Scene]]:
-    pool = data.scenes(cfg.seed + 2, cfg.pool, "train")
-    latents = []
-    for i in tqdm(range(0, len(pool), 256), desc="encoding scenes"):
-        images = torch.from_numpy(data.render_batch(pool[i : i + 256])).to(device)
-        latents.append(vae.encode(images).latent_dist.mean.cpu())
-    return torch.cat(latents), pool
-
-
-def _export(cfg: TrainConfig, tokenizer, text_encoder, vae, unet_ema) -> None:
-    """Write the EMA model as a diffusers folder (atomically: build beside, then swap)."""
-    import shutil
-
+def _export(target: Path, tokenizer, text_encoder, vae, unet) -> None:
+    """Write a diffusers folder (atomically: build beside, then swap) with the recommended settings."""
     from diffusers import StableDiffusionPipeline
 
-    target = Path(cfg.export)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet_ema,
-        scheduler=builtin_model.build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=builtin_model.build_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
@@ -252,66 +216,106 @@ def _export(cfg: TrainConfig, tokenizer, text_encoder, vae, unet_ema) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _captions(scenes_: list[data.Scene], rng: np.random.Generator, dropout: float) -> list[str]:
-    """A fresh caption variant of every scene (size, relation and background words vary);
-    the empty prompt with probability ``dropout``."""
-    out = []
-    for scene in scenes_:
-        if rng.random() < dropout:
-            out.append("")
-        else:
-            out.append(data.recaption(rng, scene).caption)
+# --- data -------------------------------------------------------------------------------------
+
+MAX_OBJECTS = 3
+
+
+def region_masks(scenes_: list[data.Scene], size: int) -> np.ndarray:
+    """(n, 1 + MAX_OBJECTS, size, size) float32: the background and each object's area fraction per
+    cell of a size×size grid (they sum to 1)."""
+    out = np.zeros((len(scenes_), 1 + MAX_OBJECTS, size, size), dtype=np.float32)
+    for i, scene in enumerate(scenes_):
+        _, masks = data.render(scene)
+        cell = masks.shape[-1] // size
+        fractions = masks.reshape(len(masks), size, cell, size, cell).mean(axis=(2, 4))
+        out[i, 1 : 1 + len(masks)] = fractions
+        out[i, 0] = 1.0 - fractions.sum(axis=0)
     return out
 
 
-def _train_diffusion(cfg: TrainConfig, models: tuple, opt, params, latents, pool, meta: dict, checkpoint, export, log: _Logger, deadline: float) -> bool:
-    """Train the text encoder and U-Net from ``meta["step"]`` to ``cfg.steps`` with EMA copies,
-    checkpointing and exporting every ``cfg.checkpoint_every`` steps. Returns False if it stopped
-    at ``deadline`` before finishing."""
-    tokenizer, text_encoder, unet, text_ema, unet_ema = models
-    device = next(unet.parameters()).device
-    scheduler = builtin_model.build_scheduler()
-    alphas = scheduler.alphas_cumprod.to(device)
-    rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
-    bar = tqdm(range(meta["step"], cfg.steps), desc="diffusion", initial=meta["step"], total=cfg.steps)
-    unet.train()
-    text_encoder.train()
-    for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))) * 0.9 + 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = rng.integers(0, len(pool), size=cfg.batch)
-        x0 = latents[idx].to(device)
-        prompts = _captions([pool[i] for i in idx], rng, cfg.dropout)
-        ids = tokenizer(prompts, padding="max_length", max_length=builtin_model.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
+@torch.no_grad()
+def _encode_pool(cfg: TrainConfig, vae, device) -> tuple[torch.Tensor, torch.Tensor, list[data.Scene]]:
+    """Latents, region masks at the latent grid, and scenes of the training pool."""
+    pool = data.scenes(cfg.seed + 2, cfg.pool, "train")
+    latents, masks = [], []
+    for i in tqdm(range(0, len(pool), 256), desc="rendering the scene pool"):
+        chunk = pool[i : i + 256]
+        images = torch.from_numpy(data.render_batch(chunk)).to(device)
+        latents.append(vae.encode_mean(images).cpu())
+        masks.append(torch.from_numpy(region_masks(chunk, builtin_model.LATENT_SIZE)).half())
+    return torch.cat(latents), torch.cat(masks), pool
+
+
+def _captions(scenes_: list[data.Scene], rng: np.random.Generator, dropout: float) -> tuple[list[str], list]:
+    """A fresh caption variant of every scene, or the empty prompt with probability ``dropout``;
+    with the words naming each object (None for the empty prompt: nothing to ground)."""
+    prompts, words = [], []
+    for scene in scenes_:
+        if rng.random() < dropout:
+            prompts.append("")
+            words.append(None)
+        else:
+            variant = data.recaption(rng, scene)
+            prompts.append(variant.caption)
+            words.append(variant.object_words)
+    return prompts, words
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% over the planned steps."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    return cfg.lr * warm * (0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)) * 0.9 + 0.1)
+
+
+# --- the diffusion stage ----------------------------------------------------------------------
+
+class _Trainer:
+    """One optimisation step of the text encoder and U-Net, with EMA copies."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, text_encoder, unet, text_ema, unet_ema, opt) -> None:
+        self.cfg, self.tokenizer, self.opt = cfg, tokenizer, opt
+        self.text_encoder, self.unet, self.text_ema, self.unet_ema = text_encoder, unet, text_ema, unet_ema
+        self.params = [p for m in (unet, text_encoder) for p in m.parameters()]
+        self.device = next(unet.parameters()).device
+        self.alphas = builtin_model.build_scheduler().alphas_cumprod.to(self.device)
+
+    def step(self, step: int, x0, masks, prompts, words, gen) -> dict[str, float] | None:
+        cfg, device = self.cfg, self.device
+        for group in self.opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=builtin_model.MAX_TOKENS, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
+        t = torch.randint(0, len(self.alphas), (len(x0),), generator=gen).to(device)
+        a = self.alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cond = text_encoder(ids).last_hidden_state
-        pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast, (grounding.recording(self.unet) if cfg.grounding > 0 else contextlib.nullcontext({})) as store:
+            cond = self.text_encoder(ids).last_hidden_state
+            pred = self.unet(xt, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        record = {"loss": loss.item()}
+        if cfg.grounding > 0:
+            regions = grounding.Regions(masks, grounding.token_regions(words, ids.shape[1]).to(device))
+            terms = grounding.grounding_losses({k: v.float() for k, v in store.items()}, regions)
+            weight = a.view(-1).float()  # ᾱ(t): the maps can only know the layout once the image shows it
+            for name, value in terms.items():
+                term = (value * weight).mean()
+                loss = loss + cfg.grounding * term
+                record[name] = term.item()
+        if not torch.isfinite(loss):
+            return None  # skip the step, keep the weights
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            for ema_m, m in ((unet_ema, unet), (text_ema, text_encoder)):
+            for ema_m, m in ((self.unet_ema, self.unet), (self.text_ema, self.text_encoder)):
                 for pe, p in zip(ema_m.parameters(), m.parameters()):
                     pe.lerp_(p, 1 - decay)
-        meta["step"] = step + 1
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write({"stage": "unet", "step": step, "loss": loss.item(), "lr": lr, "time": time.time()})
-        out_of_time = time.time() > deadline
-        if meta["step"] % cfg.checkpoint_every == 0 or meta["step"] == cfg.steps or out_of_time:
-            checkpoint()
-            export()
-        if out_of_time:
-            return False
-    return True
+        return record
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -326,62 +330,67 @@ def train(cfg: TrainConfig) -> Path:
 
     tokenizer = builtin_model.build_tokenizer()
     text_encoder = builtin_model.build_text_encoder(len(tokenizer)).to(device)
-    vae = builtin_model.build_vae().to(device)
-    unet = builtin_model.build_unet().to(device)
-    unet_ema = builtin_model.build_unet().to(device)
-    text_ema = builtin_model.build_text_encoder(len(tokenizer)).to(device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    unet = builtin_model.build_unet(cfg.latent_channels).to(device)
+    text_ema = builtin_model.build_text_encoder(len(tokenizer)).to(device).requires_grad_(False)
+    unet_ema = builtin_model.build_unet(cfg.latent_channels).to(device).requires_grad_(False)
+    opt = torch.optim.AdamW([p for m in (unet, text_encoder) for p in m.parameters()], lr=cfg.lr, weight_decay=0.01)
 
-    meta = {"step": 0, "vae_step": 0}
+    meta: dict = {"step": 0}
     if (run / "state.json").exists():
         tensors, meta = _load_state(run, device)
-        _load_prefixed("vae", vae, tensors)
-        if meta["step"] > 0:
-            for prefix, module in (("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
-                _load_prefixed(prefix, module, tensors)
-            _load_optimizer("opt", opt, tensors)
+        vae = PatchAutoencoder.from_config(json.loads(meta.pop("vae_config")))
+        for prefix, module in (("vae", vae), ("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
+            _load_prefixed(prefix, module, tensors)
+        _load_optimizer("opt", opt, tensors)
         print(f"resuming from step {meta['step']} in {run}")
-
-    def checkpoint() -> None:
-        tensors = _prefixed("vae", vae)
-        if meta["step"] > 0:
-            for prefix, module in (("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
-                tensors.update(_prefixed(prefix, module))
-            tensors.update(_optimizer_tensors("opt", opt))
-        _atomic_save(tensors, meta, run)
-
-    if meta.get("vae_step", 0) < cfg.vae_steps and meta["step"] == 0:
-        _train_vae(cfg, vae, device, meta, checkpoint, log)
-        checkpoint()
-    vae.eval().requires_grad_(False)
-
-    deadline = start_time + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
-    if meta["step"] < cfg.steps or "scaling_factor" not in meta:
-        latents, pool = _encode_pool(cfg, vae, device)
-        # Fixed once: the U-Net learns latents at this scale, whatever later stages do.
-        meta.setdefault("scaling_factor", 1.0 / latents.std().item())
-        log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool)})
-    vae.register_to_config(scaling_factor=meta["scaling_factor"])
-
-    if meta["step"] == 0:
+    else:
+        vae = _init_from(Path(cfg.init_from), text_encoder, unet, log) if cfg.init_from else None
+        if vae is None:
+            images = data.render_batch(data.scenes(cfg.seed + 1, cfg.autoencoder_scenes, "train"))
+            vae = fit_patch_autoencoder(images, cfg.latent_channels)
         unet_ema.load_state_dict(unet.state_dict())
         text_ema.load_state_dict(text_encoder.state_dict())
-    unet_ema.requires_grad_(False)
-    text_ema.requires_grad_(False)
+    vae = vae.to(device).eval()
 
-    def export() -> None:
-        _export(cfg, tokenizer, text_ema, vae, unet_ema)
+    latents, masks, pool = _encode_pool(cfg, vae, device)
+    # Fixed once: the U-Net learns latents at this scale.
+    meta.setdefault("scaling_factor", vae.config.scaling_factor if cfg.init_from else 1.0 / latents.std().item())
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    latents = latents * meta["scaling_factor"]
+    log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool)})
 
-    finished = True
-    if meta["step"] < cfg.steps:
-        models = (tokenizer, text_encoder, unet, text_ema, unet_ema)
-        finished = _train_diffusion(cfg, models, opt, params, latents * meta["scaling_factor"], pool, meta, checkpoint, export, log, deadline)
-    if finished and meta.get("decoder_step", 0) < cfg.decoder_steps:
-        finished = _finetune_decoder(cfg, vae, device, meta, checkpoint, log, deadline)
-        export()
-    if not finished:
-        print(f"stopping after {cfg.max_minutes} minutes; run the same command again to resume")
-    if meta["step"] == 0 or not (Path(cfg.export) / "model_index.json").exists():
-        export()
-    return Path(cfg.export)
+    def checkpoint() -> None:
+        tensors = {}
+        for prefix, module in (("vae", vae), ("unet", unet), ("text", text_encoder), ("unet_ema", unet_ema), ("text_ema", text_ema)):
+            tensors.update(_prefixed(prefix, module))
+        tensors.update(_optimizer_tensors("opt", opt))
+        vae_config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+        _atomic_save(tensors, {**meta, "vae_config": json.dumps(vae_config)}, run)
+        _export(cfg.export_dir, tokenizer, text_ema, vae, unet_ema)
+
+    trainer = _Trainer(cfg, tokenizer, text_encoder, unet, text_ema, unet_ema, opt)
+    rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
+    deadline = start_time + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(meta["step"], cfg.steps), desc="diffusion", initial=meta["step"], total=cfg.steps)
+    for step in bar:
+        idx = rng.integers(0, len(pool), size=cfg.batch)
+        prompts, words = _captions([pool[i] for i in idx], rng, cfg.dropout)
+        record = trainer.step(step, latents[idx].to(device), masks[idx].float().to(device), prompts, words, gen)
+        meta["step"] = step + 1
+        if record is None:
+            meta["skipped"] = meta.get("skipped", 0) + 1
+        elif step % 25 == 0:
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            log.write({"stage": "unet", "step": step, "lr": _lr(cfg, step), "time": time.time(), **record})
+        out_of_time = time.time() > deadline
+        if meta["step"] % cfg.checkpoint_every == 0 or meta["step"] == cfg.steps or out_of_time:
+            checkpoint()
+        if out_of_time:
+            print(f"stopping after {cfg.max_minutes} minutes; run the same command again to resume")
+            break
+    if not (cfg.export_dir / "model_index.json").exists():
+        checkpoint()
+    return cfg.export_dir

@@ -59,16 +59,16 @@ from typing import Any, Callable, Iterator, Sequence
 import click
 import torch
 from ..attention import processor_input, processor_output
+from ..guidance import METHODS, REGISTRY
 
 MODELS = ("tiny", "builtin", "sd15", "sdxl")
-METHOD_NAMES = ("none", "cfg", "pag", "cfg+pag", "scfg", "scfg+pag")
+METHOD_NAMES = METHODS
 PEER_NAMES = ("diffusers-cfg", "diffusers-pag", "diffusers-cfg+pag", "unfused-scfg")
 MEMORY_MODES = ("fresh", "shared", "inprocess", "off")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_PROMPT = "a red circle to the left of a blue square"
 # U-Net batch chunks per step of every configuration (per image).
-BRANCHES = {"none": 1, "cfg": 2, "pag": 2, "cfg+pag": 3, "scfg": 2, "scfg+pag": 3,
-            "diffusers-cfg": 2, "diffusers-pag": 2, "diffusers-cfg+pag": 3, "unfused-scfg": 2}
+BRANCHES = {**{m.name: len(m.branches) for m in REGISTRY.values()}, "diffusers-cfg": 2, "diffusers-pag": 2, "diffusers-cfg+pag": 3, "unfused-scfg": 2}
 SD_TOKENS = 77  # CLIP's context length in SD 1.x / SDXL: the token count of every cross-attention map
 
 # (label, numerator, denominator, quantity, limit): the targets this benchmark is read against.

@@ -730,7 +730,7 @@ def evaluator_accuracy(
 ) -> dict[str, Any]:
     """Accuracy of the evaluator on ``n_scenes`` rendered scenes of ``split``.
 
-    With ``autoencoder`` (a diffusers ``AutoencoderKL``) every image is first encoded to its
+    With ``autoencoder`` (a diffusers ``AutoencoderKL`` or anything with its interface) every image is first encoded to its
     posterior mean and decoded: the result is the ceiling that autoencoder sets for any sampler
     on the model built on it.
 
@@ -815,14 +815,12 @@ def _accuracy_command(n_scenes: int, seed: int, split: str, weights: Path | None
     """Per-attribute accuracy of the evaluator on rendered (real) scenes."""
     autoencoder = None
     if vae_model is not None:
-        from diffusers import AutoencoderKL
-
-        from ..pipelines import builtin_model_path
+        from ..pipelines import builtin_model_path, load_pipeline
 
         folder = builtin_model_path() if vae_model == "builtin" else Path(vae_model)
         if not (folder / "vae").is_dir():
             raise click.BadParameter(f"{str(folder)!r} has no vae folder", param_hint="--through-vae")
-        autoencoder = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
+        autoencoder = load_pipeline(folder).vae  # whatever class the folder's model_index.json names
     result = evaluator_accuracy(n_scenes, seed, split, evaluator=Evaluator.load(weights), autoencoder=autoencoder)
     through = f" through the autoencoder of {vae_model}" if vae_model else ""
     click.echo(f"split={split} scenes={result['n_scenes']} objects={result['n_objects']} seed={seed}{through}")

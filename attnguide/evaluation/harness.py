@@ -41,7 +41,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..guidance import METHODS, SCFG_MODES
+from ..guidance import METHODS, REGISTRY, SCFG_MODES
 
 SEED_STRIDE = 1000  # seed = base + SEED_STRIDE * prompt_index + sample_index
 RUN_FILE = "run.json"
@@ -72,7 +72,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--methods: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        uses_w, uses_s = _uses_w(self.method), self.method.endswith("pag")
+        uses_w, uses_s = REGISTRY[self.method].uses_cfg, REGISTRY[self.method].pag
         for name, value, used in (("w", self.guidance_scale, uses_w), ("s", self.pag_scale, uses_s)):
             if used and value is None:
                 raise ValueError(f"--methods: {self.method} needs a scale {name}")
@@ -104,7 +104,7 @@ class Config:
 
     @property
     def uses_scfg(self) -> bool:
-        return self.method.startswith("scfg")
+        return REGISTRY[self.method].uses_scfg
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The method and scales as keyword arguments of ``attnguide.generate``."""
@@ -114,10 +114,6 @@ class Config:
         if self.pag_scale is not None:
             kwargs["pag_scale"] = self.pag_scale
         return kwargs
-
-
-def _uses_w(method: str) -> bool:
-    return method in ("cfg", "scfg", "cfg+pag", "scfg+pag")
 
 
 def _float(text: str, param: str) -> float:
@@ -162,12 +158,12 @@ def parse_configs(
             raise ValueError(f"--methods: unknown method {method!r} in {item!r}; choose from {', '.join(METHODS)}")
         if at:
             configs.append(_explicit_config(method, spec, item, pag_scale))
-        elif method == "none":
-            configs.append(Config("none"))
-        elif method == "pag":
-            configs.extend(Config("pag", None, s) for s in (scales or [default_pag_only]))
+        elif not REGISTRY[method].uses_cfg and not REGISTRY[method].pag:
+            configs.append(Config(method))
+        elif not REGISTRY[method].uses_cfg:
+            configs.extend(Config(method, None, s) for s in (scales or [default_pag_only]))
         else:
-            s = pag_scale if method.endswith("pag") else None
+            s = pag_scale if REGISTRY[method].pag else None
             configs.extend(Config(method, w, s) for w in (scales or [default_w]))
     if not configs:
         raise ValueError("--methods: no method given")
@@ -176,13 +172,14 @@ def parse_configs(
 
 def _explicit_config(method: str, spec: str, item: str, pag_scale: float) -> Config:
     values = [_float(v.strip(), f"--methods ({item})") for v in spec.split("/")]
-    if method == "none":
-        raise ValueError(f"--methods: none takes no scale, got {item!r}")
-    if method == "pag":
+    entry = REGISTRY[method]
+    if not entry.uses_cfg and not entry.pag:
+        raise ValueError(f"--methods: {method} takes no scale, got {item!r}")
+    if not entry.uses_cfg:
         if len(values) != 1:
-            raise ValueError(f"--methods: pag takes one scale (s), as pag@2; got {item!r}")
-        return Config("pag", None, values[0])
-    if method in ("cfg", "scfg"):
+            raise ValueError(f"--methods: {method} takes one scale (s), as {method}@2; got {item!r}")
+        return Config(method, None, values[0])
+    if not entry.pag:
         if len(values) != 1:
             raise ValueError(f"--methods: {method} takes one scale (w), as {method}@5; got {item!r}")
         return Config(method, values[0], None)

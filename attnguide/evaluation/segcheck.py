@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import attention
 from ..builtin import data
 from ..guidance import SCFGOptions
-from ..sampling import _segment
+from ..engine import _segment, default_levels
 
 
 @dataclass
@@ -64,7 +64,7 @@ def segmentation_miou(
         raise ValueError(f"timestep must be an integer in [0, {train_steps}), got {timestep!r}")
     opts = SCFGOptions(mode=mode, levels=levels)
     unet = pipe.unet
-    levels = opts.levels or attention.default_scfg_levels(unet)
+    levels = opts.levels or default_levels(pipe)
     factors = {l.name: l.factor for l in attention.list_layers(unet)}
     pairs = attention.scfg_layers(unet, levels)
     seg_pairs = [(s, c, factors[c]) for s, c in pairs]

@@ -1,0 +1,371 @@
+"""The guidance engine, at the one place every diffusers U-Net pipeline passes through: the U-Net call.
+
+``with attnguide.guide(pipe, method="scfg+pag") as run: pipe(prompt, guidance_scale=7.5, ...)``
+works on the pipeline object a user already has — text-to-image, img2img, inpainting, ControlNet,
+T2I-Adapter, IP-Adapter, LoRA, AnimateDiff, SD 1.x/2.x and SDXL — with no pipeline class per
+workflow. Per U-Net call the engine
+
+1. reads which rows of the batch the pipeline sent are which branch (``[uncond, cond]`` when the
+   pipeline runs CFG, ``[cond]`` otherwise);
+2. rebuilds the batch with exactly the branches the active guidance terms need this step
+   (``guidance.plan_step``: the perturbed chunk appended for PAG, the uncond chunk dropped
+   outside the CFG window), and makes every per-row input follow the same rebuild (ControlNet
+   residuals, SDXL's added conditions, IP-Adapter image embeddings, inpainting channels);
+3. runs the U-Net once with taps that are told which rows are which branch;
+4. combines the branch predictions with the guidance rule (``guidance.combine``, S-CFG's masks
+   from ``segmentation``) into ε̂ and hands back ``[ε̂, ε̂]`` (or ``[ε̂]``): the pipeline's own
+   ``u + w(c − u)`` turns that into exactly ε̂.
+
+Everything installed (forward hooks, attention taps, two instance attributes) is removed when
+the block exits, also when the pipeline raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import attention, segmentation
+from .guidance import METHODS, GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
+
+DEFAULT_PAG_LAYERS = ("mid",)
+
+
+@dataclass
+class StepInfo:
+    """What one U-Net call of a guided pipeline saw and produced; passed to ``callback``."""
+
+    step: int
+    timestep: torch.Tensor
+    plan: StepPlan
+    predictions: dict[str, torch.Tensor]
+    guided: torch.Tensor
+    segmentation: segmentation.Segmentation | None
+    rate: torch.Tensor | None
+
+
+@dataclass
+class GuideRun:
+    """What a ``guide`` block collected over its latest pipeline call.
+
+    masks: S-CFG's per-token regions by step (when ``return_masks``), with the prompt's tokens.
+    unet_evaluations: U-Net evaluations per image (rows of the batch / images).
+    branches_per_step: the branches each U-Net call computed.
+    """
+
+    masks: segmentation.MaskSet | None = None
+    unet_evaluations: int = 0
+    branches_per_step: list[tuple[str, ...]] = field(default_factory=list)
+
+
+def default_levels(pipe) -> tuple[int, ...]:
+    """S-CFG's levels for a pipeline: those its model folder recommends, else
+    ``attention.default_scfg_levels``."""
+    from .pipelines import recommended_settings
+
+    levels = recommended_settings(pipe)["scfg_levels"]
+    return tuple(levels) if levels else attention.default_scfg_levels(pipe.unet)
+
+
+def _check_pipe(pipe) -> None:
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(
+            f"pipe must be a diffusers U-Net pipeline (it needs a .unet); {type(pipe).__name__} has none"
+        )
+    if hasattr(pipe, "do_perturbed_attention_guidance") or hasattr(pipe, "set_pag_applied_layers"):
+        raise ValueError(
+            f"pipe is diffusers' PAG pipeline {type(pipe).__name__}, which runs its own PAG; use the plain "
+            "pipeline class (e.g. StableDiffusionPipeline.from_pipe(pipe)) with attnguide.guide"
+        )
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(
+            f"pipe {type(pipe).__name__} has no do_classifier_free_guidance, so the engine cannot tell which "
+            "rows of its batch are unconditional"
+        )
+
+
+def _map_rows(value: Any, index: torch.Tensor, batch: int, frames: int = 1) -> Any:
+    """Take rows ``index`` of every tensor whose leading dimension is the pipeline's batch,
+    inside lists, tuples and dicts too (ControlNet residuals, added_cond_kwargs, IP-Adapter embeds).
+
+    For a video U-Net (``frames`` > 1) a tensor with ``batch * frames`` rows is per frame, video-major
+    (AnimateDiff's ``encoder_hidden_states`` are repeat-interleaved per frame by the pipeline): the
+    rows of every frame of the chosen videos are taken."""
+    if torch.is_tensor(value):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return value.index_select(0, index.to(value.device))
+        if frames > 1 and value.ndim > 0 and value.shape[0] == batch * frames:
+            per_frame = (index[:, None] * frames + torch.arange(frames)).reshape(-1)
+            return value.index_select(0, per_frame.to(value.device))
+        return value
+    if isinstance(value, dict):
+        return {k: _map_rows(v, index, batch, frames) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        mapped = [_map_rows(v, index, batch, frames) for v in value]
+        return type(value)(mapped) if isinstance(value, list) or type(value) is tuple else mapped
+    return value
+
+
+def _prompt_tokens(pipe, prompts: list[str] | None, images: int) -> list[list[str]]:
+    """Token strings of every image's prompt (names for the mask legend)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if not prompts or tokenizer is None:
+        return [[] for _ in range(images)]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]
+    per_prompt = max(1, images // len(tokens))
+    return [t for t in tokens for _ in range(per_prompt)][:images]
+
+
+class _Engine:
+    """State of one ``guide`` block: the configuration and the current pipeline call."""
+
+    def __init__(self, pipe, method: str, pag_scale: float, pag_layers, cfg_window, pag_window, guidance_rescale,
+                 scfg: SCFGOptions, return_masks: bool, mask_steps, callback) -> None:
+        self.pipe, self.unet = pipe, pipe.unet
+        # Validated once here with a placeholder w; the pipeline's own guidance_scale is used per call.
+        self.template = GuidanceConfig(method=method, guidance_scale=1.0, pag_scale=pag_scale, cfg_window=cfg_window,
+                                       pag_window=pag_window, guidance_rescale=guidance_rescale, scfg=scfg)
+        needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
+        if needs_attention and not attention.list_layers(self.unet):
+            raise ValueError(f"method {method!r} needs attention layers; this U-Net has none")
+        self.perturb = attention.select_self_attention(self.unet, pag_layers) if self.template.uses_pag else []
+        self.segmenting = self.template.uses_scfg or return_masks
+        levels = (scfg.levels or default_levels(pipe)) if self.segmenting else ()
+        self.pairs = attention.scfg_layers(self.unet, levels) if self.segmenting else []
+        factors = {l.name: l.factor for l in attention.list_layers(self.unet)}
+        self.seg_pairs = [(s, c, factors[c]) for s, c in self.pairs]
+        if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
+            raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
+        self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
+        self.signature = inspect.signature(self.unet.forward)
+        self.run = GuideRun()
+        self.taps: attention.TapState | None = None
+        self._new_call(None)
+
+    # --- per pipeline call ------------------------------------------------------------------------
+    def _new_call(self, total_steps: int | None) -> None:
+        self.total_steps = total_steps
+        self.calls = 0
+        self.prompts: list[str] | None = getattr(self, "prompts", None)
+        self.run.masks = None
+        self.run.unet_evaluations = 0
+        self.run.branches_per_step = []
+
+    def _config(self) -> GuidanceConfig:
+        w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        t = self.template
+        return GuidanceConfig(method=t.method, guidance_scale=w, pag_scale=t.pag_scale, cfg_window=t.cfg_window,
+                              pag_window=t.pag_window, guidance_rescale=t.guidance_rescale, scfg=t.scfg)
+
+    def _input_branches(self, config: GuidanceConfig) -> tuple[str, ...]:
+        pipeline_cfg = bool(self.pipe.do_classifier_free_guidance)
+        if config.uses_cfg and not pipeline_cfg:
+            raise ValueError(
+                f"method {config.method!r} guides with the pipeline's guidance_scale, but the pipeline runs without "
+                f"CFG (guidance_scale={config.guidance_scale}); call it with guidance_scale > 1"
+                + (" (S-CFG's w)" if config.uses_scfg else "")
+            )
+        if not config.uses_cfg and pipeline_cfg:
+            raise ValueError(
+                f"method {config.method!r} uses no CFG, but the pipeline runs CFG (guidance_scale="
+                f"{config.guidance_scale}); call it with guidance_scale=1, or use method 'cfg+pag'"
+            )
+        return ("uncond", "cond") if pipeline_cfg else ("cond",)
+
+    def _step(self) -> tuple[int, int]:
+        order = int(getattr(self.pipe.scheduler, "order", 1)) or 1
+        total = self.total_steps or len(getattr(self.pipe.scheduler, "timesteps", [])) or 1
+        return min(self.calls // order, total - 1), total
+
+    # --- the U-Net call ---------------------------------------------------------------------------
+    def forward(self, original: Callable, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        extra = inputs.pop("kwargs", {}) if "kwargs" in self.signature.parameters else {}
+        inputs.update(extra)
+        sample = inputs["sample"]
+        config = self._config()
+        layout = self._input_branches(config)
+        batch = sample.shape[0]
+        if batch % len(layout):
+            raise ValueError(f"the pipeline's batch of {batch} rows does not split into {layout}")
+        chunk = batch // len(layout)
+        step, total = self._step()
+        plan = plan_step(config, step, total)
+        rows = torch.cat([
+            torch.arange(chunk) + layout.index("cond" if b == "perturbed" else b) * chunk for b in plan.branches
+        ])
+        return_dict = inputs.pop("return_dict", True)
+        frames_in = sample.shape[2] if sample.ndim == 5 else 1
+        call_inputs = {k: (_map_rows(v, rows, batch, frames_in) if k != "timestep" or torch.is_tensor(v) else v)
+                       for k, v in inputs.items()}
+        want_masks = self.return_masks and (self.mask_steps is None or step in self.mask_steps)
+        sources = _mask_sources(plan, config, want_masks)
+        self.taps.branches = plan.branches
+        self.taps.record_branches = sources
+        self.taps.records.clear()
+        noise = original(**call_inputs, return_dict=False)[0]
+        frames = noise.shape[2] if noise.ndim == 5 else 0
+        predictions = dict(zip(plan.branches, _frames_as_rows(noise).chunk(len(plan.branches))))
+        seg = rate = None
+        if sources:
+            seg = _segment(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
+        if plan.scfg:
+            opts = config.scfg
+            rate = segmentation.scfg_rate(
+                predictions["uncond"], predictions["cond"], seg, config.guidance_scale,
+                opts.rate_min, opts.rate_max, opts.cap, opts.smoothing,
+            ).to(noise.dtype)
+        guided = combine(predictions, plan, config, rate)
+        if frames:
+            guided = _rows_as_frames(guided, frames)
+            predictions = {b: _rows_as_frames(p, frames) for b, p in predictions.items()}
+        rows_per_branch = chunk * max(frames, 1)  # masks are per image, or per frame of a video
+        self._record(step, inputs.get("timestep"), plan, predictions, guided, seg, rate, rows_per_branch, want_masks)
+        out = torch.cat([guided] * len(layout)) if len(layout) > 1 else guided
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    def _record(self, step, timestep, plan, predictions, guided, seg, rate, chunk, want_masks) -> None:
+        self.calls += 1
+        self.run.unet_evaluations += len(plan.branches)
+        self.run.branches_per_step.append(plan.branches)
+        if want_masks and seg is not None:
+            if self.run.masks is None:
+                self.run.masks = segmentation.MaskSet(_prompt_tokens(self.pipe, self.prompts, chunk))
+            self.run.masks.steps[step] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
+        if self.callback is not None:
+            self.callback(StepInfo(step, timestep, plan, predictions, guided, seg, rate))
+
+
+def _frames_as_rows(x: torch.Tensor) -> torch.Tensor:
+    """Video predictions (B, C, F, H, W) -> (B·F, C, H, W), rows in the order the U-Net's spatial
+    attention sees them (video-major), so S-CFG segments and guides every frame on its own."""
+    if x.ndim != 5:
+        return x
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+
+def _rows_as_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    bf, c, h, w = x.shape
+    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def _mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:
+    """Branches whose attention the segmentation reads this step (none if nothing needs masks)."""
+    if not (plan.scfg or want_masks):
+        return ()
+    if config.scfg.mode == "reference" and "uncond" in plan.branches:
+        return ("uncond", "cond")  # tokens from the conditional half, foreground from the unconditional
+    return ("cond",)
+
+
+def _segment(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
+    """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
+    first = next(iter(taps.records.values()))
+    rows = first.query.shape[0] if isinstance(first, attention.SelfRecord) else first.shape[0]
+    chunk = rows // len(sources)
+    start = sources.index("cond") * chunk
+    cond = slice(start, start + chunk)
+    fore = slice(0, chunk) if "uncond" in sources else cond
+    return segmentation.segment(
+        taps.records, pairs, tuple(latent_hw), opts.mode, opts.power, opts.smoothing, token_rows=cond, foreground_rows=fore
+    )
+
+
+@contextlib.contextmanager
+def _instance_patch(obj, name: str, value) -> Iterator[None]:
+    """Set ``obj.name`` on the instance for the block; afterwards the attribute is as before."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+@contextlib.contextmanager
+def guide(
+    pipe,
+    method: str = "scfg+pag",
+    *,
+    pag_scale: float = 3.0,
+    pag_layers: str | Sequence[str] = DEFAULT_PAG_LAYERS,
+    cfg_window: tuple[float, float] = (0.0, 1.0),
+    pag_window: tuple[float, float] = (0.0, 1.0),
+    guidance_rescale: float = 0.0,
+    scfg: SCFGOptions | dict | None = None,
+    return_masks: bool = False,
+    mask_steps: Sequence[int] | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> Iterator[GuideRun]:
+    """Guide every call of ``pipe`` inside the block with ``method``; yields a ``GuideRun``.
+
+    ``pipe`` is any diffusers U-Net pipeline whose loop batches ``[uncond, cond]`` (SD 1.x/2.x,
+    SDXL; text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, LoRA, AnimateDiff).
+    CFG's and S-CFG's w is the pipeline's own ``guidance_scale``: methods with CFG need it > 1,
+    ``none`` and ``pag`` need it ≤ 1 (a clear error at the first U-Net call, before any denoising).
+
+    Args:
+        method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``.
+        pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
+            patterns, ``attnguide layers`` lists them); default the mid block.
+        cfg_window / pag_window: fractions [start, stop) of the steps where each term is active;
+            outside, its branch is not computed.
+        guidance_rescale: φ of Lin et al. (2024) on the guided prediction (leave the pipeline's own at 0).
+        scfg: ``SCFGOptions`` or a dict of its fields.
+        return_masks: keep S-CFG's per-token masks (for ``mask_steps``, default every step) in ``run.masks``.
+        callback: called with a ``StepInfo`` after every U-Net call.
+
+    Example::
+
+        with attnguide.guide(pipe, "scfg+pag", pag_scale=3.0, return_masks=True) as run:
+            image = pipe("a cat on a sofa", image=init, strength=0.6, guidance_scale=7.5).images[0]
+        run.masks.render(0, image).save("masks.png")
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_pipe(pipe)
+    if isinstance(scfg, dict):
+        scfg = SCFGOptions(**scfg)
+    engine = _Engine(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
+                     scfg or SCFGOptions(), return_masks, mask_steps, callback)
+    unet = pipe.unet
+    original_forward = unet.forward
+
+    def guided_forward(*args, **kwargs):
+        return engine.forward(original_forward, *args, **kwargs)
+
+    original_bar = pipe.progress_bar
+
+    def progress_bar(iterable=None, total=None):
+        # Every diffusers pipeline opens its progress bar right before its denoising loop.
+        engine._new_call(total if total is not None else (len(iterable) if iterable is not None else None))
+        return original_bar(iterable=iterable, total=total)
+
+    encode_prompt = getattr(pipe, "encode_prompt", None)
+
+    def capture_prompt(*args, **kwargs):
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        engine.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if isinstance(prompt, (list, tuple)) else None)
+        return encode_prompt(*args, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        engine.taps = stack.enter_context(attention.attention_taps(unet, perturb=engine.perturb, record=engine.pairs))
+        stack.enter_context(_instance_patch(unet, "forward", guided_forward))
+        stack.enter_context(_instance_patch(pipe, "progress_bar", progress_bar))
+        if encode_prompt is not None:
+            stack.enter_context(_instance_patch(pipe, "encode_prompt", capture_prompt))
+        yield engine.run
