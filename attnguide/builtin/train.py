@@ -221,12 +221,12 @@ def _export(target: Path, tokenizer, text_encoder, vae, unet) -> None:
 MAX_OBJECTS = 3
 
 
-def region_masks(scenes_: list[data.Scene], size: int) -> np.ndarray:
-    """(n, 1 + MAX_OBJECTS, size, size) float32: the background and each object's area fraction per
-    cell of a size×size grid (they sum to 1)."""
-    out = np.zeros((len(scenes_), 1 + MAX_OBJECTS, size, size), dtype=np.float32)
-    for i, scene in enumerate(scenes_):
-        _, masks = data.render(scene)
+def region_masks(object_masks: list[np.ndarray], size: int) -> np.ndarray:
+    """(n, 1 + MAX_OBJECTS, size, size) float32 from each scene's rendered object masks (as
+    ``data.render`` returns them): the background and each object's area fraction per cell of a
+    size×size grid (they sum to 1)."""
+    out = np.zeros((len(object_masks), 1 + MAX_OBJECTS, size, size), dtype=np.float32)
+    for i, masks in enumerate(object_masks):
         cell = masks.shape[-1] // size
         fractions = masks.reshape(len(masks), size, cell, size, cell).mean(axis=(2, 4))
         out[i, 1 : 1 + len(masks)] = fractions
@@ -236,14 +236,14 @@ def region_masks(scenes_: list[data.Scene], size: int) -> np.ndarray:
 
 @torch.no_grad()
 def _encode_pool(cfg: TrainConfig, vae, device) -> tuple[torch.Tensor, torch.Tensor, list[data.Scene]]:
-    """Latents, region masks at the latent grid, and scenes of the training pool."""
+    """Latents, region masks at the latent grid, and scenes of the training pool (rendered once)."""
     pool = data.scenes(cfg.seed + 2, cfg.pool, "train")
     latents, masks = [], []
     for i in tqdm(range(0, len(pool), 256), desc="rendering the scene pool"):
-        chunk = pool[i : i + 256]
-        images = torch.from_numpy(data.render_batch(chunk)).to(device)
-        latents.append(vae.encode_mean(images).cpu())
-        masks.append(torch.from_numpy(region_masks(chunk, builtin_model.LATENT_SIZE)).half())
+        rendered = [data.render(scene) for scene in pool[i : i + 256]]
+        images = np.stack([image for image, _ in rendered]).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        latents.append(vae.encode_mean(torch.from_numpy(images).to(device)).cpu())
+        masks.append(torch.from_numpy(region_masks([m for _, m in rendered], builtin_model.LATENT_SIZE)).half())
     return torch.cat(latents), torch.cat(masks), pool
 
 
