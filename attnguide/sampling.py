@@ -12,11 +12,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import segmentation
+from . import segmentation, validation
 from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
-from .guidance import GuidanceConfig, SCFGOptions
+from .guidance import METHODS, REGISTRY, SCFGOptions
+from .validation import Limits, NonFiniteError
 
-__all__ = ["GenerationResult", "StepInfo", "generate"]
+__all__ = ["GenerationResult", "StepInfo", "generate", "check_arguments"]
 
 
 @dataclass
@@ -30,50 +31,77 @@ class GenerationResult:
     branches_per_step: list[tuple[str, ...]] = field(default_factory=list)
 
 
-def _as_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-
-
 def _check_pipe(pipe) -> None:
     missing = [a for a in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents") if not hasattr(pipe, a)]
     if missing:
         raise ValueError(f"pipe must be a diffusers Stable Diffusion or SDXL pipeline; it lacks {missing}")
 
 
-def _check_size(pipe, height: int, width: int) -> None:
+def _check_size(pipe, height, width) -> tuple[int, int]:
     multiple = pipe.vae_scale_factor * 2 ** len(getattr(pipe.unet, "up_blocks", [None])[1:])
+    checked = []
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % multiple:
+        value = validation.integer(name, value, minimum=1)
+        if value % multiple:
             raise ValueError(
                 f"{name} must be a positive multiple of {multiple} for this model (VAE factor "
                 f"{pipe.vae_scale_factor} x U-Net factor {multiple // pipe.vae_scale_factor}), got {value!r}"
             )
+        checked.append(value)
+    return checked[0], checked[1]
 
 
-def _generators(seed, generator, batch: int, device) -> torch.Generator | list[torch.Generator] | None:
+def _check_pixels(name: str, height: int, width: int, limits: Limits) -> None:
+    if height * width > limits.max_pixels:
+        raise ValueError(f"{name}: {width}x{height} = {height * width} pixels is more than attnguide.Limits.max_pixels = "
+                         f"{limits.max_pixels} (raise the limit to allow it)")
+
+
+def _check_clip_skip(pipe, clip_skip):
+    if clip_skip is None:
+        return None
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    layers = min((int(getattr(e.config, "num_hidden_layers", 1)) for e in encoders), default=1)
+    return validation.integer("clip_skip", clip_skip, minimum=0, maximum=max(layers - 1, 0),
+                              hint=f" (the text encoder has {layers} layers)")
+
+
+def _check_scheduler(scheduler) -> None:
+    if scheduler is None:
+        return
+    missing = [a for a in ("set_timesteps", "step", "config", "timesteps") if not hasattr(scheduler, a)]
+    if missing:
+        raise TypeError(f"scheduler must be a diffusers scheduler instance (e.g. DDIMScheduler.from_config(pipe.scheduler.config)), "
+                        f"got {scheduler!r} ({type(scheduler).__name__}, lacks {missing})")
+
+
+def _generators(seed, generator, batch: int) -> torch.Generator | list[torch.Generator] | None:
     """One generator per image when seeds are given, so an image depends only on its own seed."""
     if seed is not None and generator is not None:
-        raise ValueError("give either seed or generator, not both")
+        raise ValueError("seed: give either seed or generator, not both")
     if seed is None:
-        return generator
-    seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
-    if len(seeds) != batch or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed must be an int or a list of {batch} ints (one per image), got {seed!r}")
-    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        if generator is None or isinstance(generator, torch.Generator):
+            return generator
+        if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+            if len(generator) != batch:
+                raise ValueError(f"generator: a list needs one torch.Generator per image ({batch}), got {len(generator)}")
+            return list(generator)
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
+    return [torch.Generator(device="cpu").manual_seed(s) for s in validation.seed_list(seed, batch)]
 
 
 def _working_pipeline(pipe, scheduler, image, mask_image):
     """The pipeline for the workflow, sharing ``pipe``'s components (nothing is copied but the
     scheduler, so ``pipe`` itself is never changed)."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+    from .pipelines import quiet
+
+    with quiet():  # importing diffusers' pipelines makes transformers log notices about optional backends
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
     auto = AutoPipelineForText2Image if image is None else (AutoPipelineForImage2Image if mask_image is None else AutoPipelineForInpainting)
     try:
-        work = auto.from_pipe(pipe, scheduler=scheduler)
+        with quiet():
+            work = auto.from_pipe(pipe, scheduler=scheduler)
     except ValueError as error:
         raise ValueError(f"image/mask_image: no {auto.__name__[15:]} pipeline for {type(pipe).__name__} ({error})") from None
     work.set_progress_bar_config(disable=True)
@@ -123,6 +151,8 @@ def generate(
     output_type: str = "pil",
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = True,
+    limits: Limits | dict | None = None,
+    _check_only: bool = False,
 ) -> GenerationResult:
     """Sample images with CFG, PAG, S-CFG or a combination, on a diffusers SD/SDXL pipeline.
 
@@ -130,59 +160,100 @@ def generate(
         pipe: a diffusers ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` (or any pipeline
             of those families: its components are reused for the workflow).
         prompt: one prompt or a list; ``negative_prompt`` the same count (or one string for all).
+            ``negative_prompt`` needs a method with CFG (``none``/``pag`` have no unconditional branch).
         method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``.
-        guidance_scale: w of CFG/S-CFG (> 1 for the methods that use it; ignored by ``none``/``pag``).
+        guidance_scale: w of CFG/S-CFG (> 1 for the methods that use it; checked but ignored by ``none``/``pag``).
         pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
             patterns; ``attnguide layers`` lists them); default the mid block.
-        seed: an int (image i gets seed + i) or one int per image; or pass ``generator``.
-        image, strength: img2img from ``image`` (PIL image or path); with ``mask_image`` too,
-            inpainting (white = repaint).
+        seed: an int (image i gets seed + i) or one int per image, each in [0, 2**32 - 1] (torch's CPU
+            generator keeps 32 bits); or pass ``generator``.
+        image, strength: img2img from ``image`` (PIL image or path; its size is the output size, so
+            height/width are refused); with ``mask_image`` too, inpainting (white = repaint).
         return_masks: also return S-CFG's per-token masks (for ``mask_steps``, default every step).
-        cfg_window / pag_window: fractions [start, stop) of the steps where each term is active.
+        cfg_window / pag_window: fractions [start, stop) of the steps where each term is active; a
+            window of a term the method uses must contain at least one step.
         scfg: ``SCFGOptions`` or a dict of its fields (mode, levels, power, smoothing, rate_min, rate_max, cap).
         scheduler: a diffusers scheduler to use instead of (a copy of) the pipeline's.
+        eta: DDIM's eta in [0, 1] (other schedulers ignore it). clip_skip: CLIP layers to skip.
         callback: called with a ``StepInfo`` after every step.
+        limits: ``attnguide.Limits`` (or a dict of its fields): upper bounds of the scales, image
+            size, images per call and steps, checked before any work (defaults: 100, 2048x2048
+            pixels, 64 images, 1000 steps).
 
-    Returns a ``GenerationResult`` with ``.images`` and, when asked, ``.masks``. The pipeline is
-    unchanged afterwards, also when this raises.
+    Every option is checked (whether or not ``method`` uses it) before the first U-Net call; bad
+    input raises ``ValueError`` (``TypeError`` for a value of the wrong kind) whose message starts with
+    the parameter's name. NaN/infinite values during sampling raise ``attnguide.NonFiniteError``
+    naming the step and the cause. Returns a ``GenerationResult`` with ``.images`` and, when asked,
+    ``.masks``. The pipeline is unchanged afterwards, also when this raises.
     """
     # --- validate everything before any work -------------------------------------------------
+    limits = validation.as_limits(limits)
     _check_pipe(pipe)
-    if isinstance(scfg, dict):
-        scfg = SCFGOptions(**scfg)
-    config = GuidanceConfig(
-        method=method, guidance_scale=guidance_scale, pag_scale=pag_scale, cfg_window=cfg_window,
-        pag_window=pag_window, guidance_rescale=guidance_rescale, scfg=scfg or SCFGOptions(),
-    )
-    if config.uses_cfg and guidance_scale <= 1:
+    method = validation.choice("method", method, METHODS)
+    uses = REGISTRY[method]
+    guidance_scale = validation.number("guidance_scale", guidance_scale, minimum=0.0, maximum=limits.max_scale,
+                                       hint=" (attnguide.Limits.max_scale bounds it)")
+    if uses.uses_cfg and guidance_scale <= 1:
         raise ValueError(f"guidance_scale must be > 1 for method {method!r} (it is CFG's w), got {guidance_scale!r}")
-    prompts = _as_list(prompt, "prompt")
+    (_, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
+     callback) = validation.check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window,
+                                                  guidance_rescale, scfg, return_masks, mask_steps, callback,
+                                                  DEFAULT_PAG_LAYERS, limits)
+    prompts = validation.string_or_strings("prompt", prompt)
     negatives = None
     if negative_prompt is not None:
-        negatives = _as_list(negative_prompt, "negative_prompt")
+        negatives = validation.string_or_strings("negative_prompt", negative_prompt)
         if len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt must have one entry per prompt: {len(negatives)} given for {len(prompts)} prompts")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-    if output_type not in ("pil", "np", "pt", "latent"):
-        raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}")
-    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if not uses.uses_cfg:
+            raise ValueError(f"negative_prompt has no effect with method {method!r}, which has no unconditional branch; "
+                             "drop it or use a method with CFG (cfg, cfg+pag, scfg, scfg+pag)")
+    num_inference_steps = validation.integer("num_inference_steps", num_inference_steps, minimum=1,
+                                             maximum=limits.max_steps, hint=" (attnguide.Limits.max_steps bounds it)")
+    num_images_per_prompt = validation.integer("num_images_per_prompt", num_images_per_prompt, minimum=1,
+                                               maximum=limits.max_images, hint=" (attnguide.Limits.max_images bounds it)")
+    batch = len(prompts) * num_images_per_prompt
+    if batch > limits.max_images:
+        raise ValueError(f"num_images_per_prompt: {len(prompts)} prompts x {num_images_per_prompt} images = {batch} images "
+                         f"in one call, more than attnguide.Limits.max_images = {limits.max_images}")
+    validation.choice("output_type", output_type, ("pil", "np", "pt", "latent"))
+    progress = validation.flag("progress", progress)
+    strength = validation.number("strength", strength, minimum=0.0, maximum=1.0, min_open=True)
+    eta = validation.number("eta", eta, minimum=0.0, maximum=1.0)
+    clip_skip = _check_clip_skip(pipe, clip_skip)
+    _check_scheduler(scheduler)
     if mask_image is not None and image is None:
         raise ValueError("mask_image needs image (the picture to inpaint)")
     image, mask_image = _open_image(image, "image"), _open_image(mask_image, "mask_image")
+    if image is not None and mask_image is None:
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                raise ValueError(f"{name}: img2img makes images of the size of image ({image.size[0]}x{image.size[1]}); "
+                                 "resize image instead of passing height/width")
+        _check_pixels("image", image.size[1], image.size[0], limits)
     default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height = default_size if height is None else height
     width = default_size if width is None else width
-    _check_size(pipe, height, width)
-    if mask_steps is not None and any(not 0 <= s < num_inference_steps for s in mask_steps):
-        raise ValueError(f"mask_steps must lie in [0, {num_inference_steps}), got {list(mask_steps)!r}")
-    batch = len(prompts) * num_images_per_prompt
-    generators = _generators(seed, generator, batch, "cpu")
+    height, width = _check_size(pipe, height, width)
+    if image is None or mask_image is not None:
+        _check_pixels("height", height, width, limits)
+    denoising_steps = num_inference_steps
+    if image is not None:
+        denoising_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        if denoising_steps < 1:
+            raise ValueError(f"strength: {strength:g} x {num_inference_steps} steps leaves no denoising step; "
+                             "raise strength or num_inference_steps")
+    for name, win, used in (("cfg_window", cfg_window, uses.uses_cfg), ("pag_window", pag_window, uses.pag)):
+        if used and not validation.steps_in_window(win, denoising_steps):
+            raise ValueError(f"{name} {win} contains none of the {denoising_steps} denoising steps (step i sits at "
+                             f"fraction i/{denoising_steps}), so method {method!r} would never apply it; widen it")
+    if mask_steps is not None and any(s >= denoising_steps for s in mask_steps):
+        raise ValueError(f"mask_steps must lie in [0, {denoising_steps}), got {list(mask_steps)!r}")
+    generators = _generators(seed, generator, batch)
+    if _check_only:
+        return None
 
     # --- run the user's workflow inside the engine ------------------------------------------------
     sched = scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -190,8 +261,9 @@ def generate(
     work.set_progress_bar_config(disable=not progress, desc=f"sampling ({method})")
     kwargs = dict(
         prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale if config.uses_cfg else 1.0, num_images_per_prompt=num_images_per_prompt,
+        guidance_scale=guidance_scale if uses.uses_cfg else 1.0, num_images_per_prompt=num_images_per_prompt,
         generator=generators, eta=eta, clip_skip=clip_skip, output_type=output_type,
+        callback_on_step_end=_check_latents,
     )
     if image is None or mask_image is not None:
         kwargs.update(height=height, width=width)
@@ -199,12 +271,31 @@ def generate(
         kwargs.update(image=image, strength=strength)
     if mask_image is not None:
         kwargs["mask_image"] = mask_image
-    with guide(work, method, pag_scale=pag_scale, pag_layers=pag_layers, cfg_window=cfg_window, pag_window=pag_window,
-               guidance_rescale=guidance_rescale, scfg=config.scfg, return_masks=return_masks, mask_steps=mask_steps,
-               callback=callback) as run:
+    with validation.using_limits(limits), guide(
+        work, method, pag_scale=pag_scale, pag_layers=pag_layers, cfg_window=cfg_window, pag_window=pag_window,
+        guidance_rescale=guidance_rescale, scfg=scfg, return_masks=return_masks, mask_steps=mask_steps, callback=callback,
+    ) as run:
         out = work(**kwargs)
     images = out.images
     if output_type == "pt":
         images = images.float()
     return GenerationResult(images=images, masks=run.masks, unet_evaluations=run.unet_evaluations,
                             branches_per_step=run.branches_per_step)
+
+
+def _check_latents(pipe, step: int, timestep, tensors: dict) -> dict:
+    """``callback_on_step_end``: the latents after every scheduler step must be finite."""
+    latents = tensors.get("latents")
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        total = len(getattr(pipe.scheduler, "timesteps", [])) or "?"
+        raise NonFiniteError(
+            f"non-finite values at step {step + 1} of {total}: the scheduler step ({type(pipe.scheduler).__name__}) "
+            "turned finite predictions into NaN/infinite latents (check eta and the scheduler's settings)"
+        )
+    return tensors
+
+
+def check_arguments(pipe, prompt, **kwargs) -> None:
+    """Run every check ``generate(pipe, prompt, **kwargs)`` makes, without generating anything
+    (no U-Net call, no allocation); raises what ``generate`` would."""
+    generate(pipe, prompt, **kwargs, _check_only=True)

@@ -281,3 +281,80 @@ def test_cli_names_the_bad_parameter(tmp_path, args, message):
 def test_report_of_a_folder_without_a_run_fails_clearly(tmp_path):
     result = CliRunner().invoke(cli_main, ["eval", "report", str(tmp_path)])
     assert result.exit_code == 1 and "not an evaluation folder" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: validation before writing, reuse after a failed start, lock, temporary files
+
+
+@pytest.mark.parametrize("kw, option", [
+    (dict(height=63), "--height"),
+    (dict(pag_layers=("nomatch",)), "--pag-layers"),
+    (dict(seed=2**32), "--seed"),
+])
+def test_bad_setting_is_refused_before_anything_is_written(tiny_model, tmp_path, kw, option):
+    out = tmp_path / "run"
+    counting = CountingGenerate()
+    with pytest.raises(harness.BadInput, match=option) as info:
+        run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False, **kw), generate_fn=counting)
+    assert info.value.exit_code == 2 and counting.calls == 0
+    assert not (out / "run.json").exists() and not (out / "jobs").exists()
+    # the corrected command then runs in the same folder
+    run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False))
+    assert len(list((out / "jobs").glob("*/*.json"))) == 2
+
+
+def test_eval_cli_bad_setting_is_one_line_and_folder_reusable(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    base = ["eval", "run", "--model", str(tiny_model), "--methods", "cfg@3", "--num-prompts", "1", "--steps", "1",
+            "--device", "cpu", "--quiet", "--no-report", "--out", str(out)]
+    bad = CliRunner().invoke(cli_main, [*base, "--height", "63"])
+    assert bad.exit_code == 2 and "--height" in bad.output and "Traceback" not in bad.output
+    assert not (out / "run.json").exists()
+    good = CliRunner().invoke(cli_main, base)
+    assert good.exit_code == 0, good.output
+
+
+def test_folder_of_a_failed_start_without_results_is_reused(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"model": "elsewhere", "steps": 99, "configs": ["cfg@9"]}))
+    run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False))
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+
+
+def test_second_process_on_a_locked_folder_fails_at_once(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    counting = CountingGenerate()
+    with harness.folder_lock(out):
+        with pytest.raises(harness.BadInput, match="in use"):
+            run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False), generate_fn=counting)
+    assert counting.calls == 0
+    run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False), generate_fn=counting)  # released
+    assert counting.calls == len(CONFIGS)
+
+
+def test_lock_excludes_a_second_process(tmp_path):
+    code = ("import sys\nfrom pathlib import Path\nfrom attnguide.evaluation import harness\n"
+            "try:\n    harness.folder_lock(Path(sys.argv[1])).__enter__()\nexcept Exception as e:\n    print(e)\n    sys.exit(3)\n")
+    with harness.folder_lock(tmp_path / "run"):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                              cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert done.returncode == 3 and "in use" in done.stdout, done.stdout + done.stderr
+
+
+def test_stale_temp_files_are_cleaned_and_failed_writes_leave_none(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    stale = out / "jobs" / "cfg_w3" / ".p00000_k000.json.4242.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("half a record")
+    run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False))
+    assert not stale.exists()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        harness.atomic_write_text(out / "x.json", "{}")
+    assert not list(out.glob(".*.tmp")) and not (out / "x.json").exists()

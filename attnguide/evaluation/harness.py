@@ -24,6 +24,7 @@ generated again as a whole (same numbers) and only its missing records are writt
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -45,6 +46,8 @@ from ..guidance import METHODS, REGISTRY, SCFG_MODES
 
 SEED_STRIDE = 1000  # seed = base + SEED_STRIDE * prompt_index + sample_index
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"
 RECORDS_FILE = "records.jsonl"
 JOBS_DIR, IMAGES_DIR, MASKS_DIR, PLOTS_DIR = "jobs", "images", "masks", "plots"
 TIMING_FIELD = "timing"  # the one record field that legitimately differs between identical runs
@@ -339,9 +342,12 @@ def load_model(model: str | None, device: str, dtype: str, attempts: int = 5):
                 return pipe, before
         except (OSError, ValueError) as exc:
             last = exc
+            if not swapping and attempt >= 1:
+                break  # a broken folder, not one being swapped: retrying will not help
         time.sleep(1.0 + attempt)
     where = "the built-in model (train it with `attnguide train`, or pass --model)" if model is None else repr(str(folder))
-    raise click.ClickException(f"--model: could not load a stable model from {where}: {last or 'it kept changing'}")
+    reason = " ".join(str(last).split()) if last else "it kept changing"
+    raise BadInput(f"--model: could not load a stable model from {where}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,12 +498,17 @@ def read_json(path: Path) -> Any:
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk (or a kill) must not leave the temporary file behind
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -586,7 +597,7 @@ def _run_unit(pipe, unit: list[Job], missing: set[str], settings: EvalSettings, 
     start = time.perf_counter()
     result = generate_fn(
         pipe, [j.prompt for j in unit], **config.generate_kwargs(), pag_layers=list(settings.pag_layers),
-        num_inference_steps=settings.steps, negative_prompt=settings.negative_prompt, height=settings.height,
+        num_inference_steps=settings.steps, negative_prompt=_negative(settings, config), height=settings.height,
         width=settings.width, seed=[j.seed for j in unit], return_masks=want_masks,
         mask_steps=[settings.steps - 1] if want_masks else None, scfg={"mode": settings.scfg_mode},
         output_type="pil", progress=False,
@@ -641,46 +652,159 @@ def pending_units(units: Sequence[list[Job]], out: Path) -> list[tuple[list[Job]
     return todo
 
 
+_EVAL_OPTIONS = {"guidance_scale": "--methods/--scales (w)", "pag_scale": "--pag-scale", "pag_layers": "--pag-layers",
+                 "num_inference_steps": "--steps", "num_images_per_prompt": "--batch", "negative_prompt": "--negative-prompt",
+                 "height": "--height", "width": "--width", "seed": "--seed", "prompt": "--prompts", "scfg mode": "--scfg-mode",
+                 "device": "--device", "dtype": "--dtype", "model": "--model"}
+
+
+def _option_message(exc: BaseException) -> str:
+    """A validation message that starts with an API parameter name, starting with the option instead."""
+    message = " ".join(str(exc).split())
+    for name in sorted(_EVAL_OPTIONS, key=len, reverse=True):
+        rest = message[len(name):len(name) + 1]
+        if message.startswith(name) and not (rest.isalnum() or rest == "_"):
+            return _EVAL_OPTIONS[name] + message[len(name):]
+    return message
+
+
+def check_settings(settings: EvalSettings, pipe, prompts: Sequence[str]) -> None:
+    """Everything a run would reject, checked before anything is written: every config's
+    arguments of ``generate`` (with the first unit's prompts), and the range of the seeds."""
+    from .. import sampling
+    from ..validation import SEED_MAX
+
+    last_seed = job_seed(settings.seed, len(prompts) - 1, settings.n - 1)
+    if settings.seed < 0 or last_seed > SEED_MAX:
+        raise BadInput(f"--seed: the jobs' seeds (seed + 1000 p + k) must lie in [0, {SEED_MAX}]; with --seed {settings.seed}, "
+                       f"{len(prompts)} prompts and --n {settings.n} the last is {last_seed}")
+    unit = list(prompts[: settings.batch])
+    seeds = [settings.seed + i for i in range(len(unit))]
+    for config in settings.configs:
+        try:
+            sampling.check_arguments(
+                pipe, unit, **config.generate_kwargs(), pag_layers=list(settings.pag_layers),
+                num_inference_steps=settings.steps, negative_prompt=_negative(settings, config), height=settings.height,
+                width=settings.width, seed=seeds, scfg={"mode": settings.scfg_mode}, output_type="pil", progress=False,
+            )
+        except (ValueError, TypeError) as exc:
+            raise BadInput(f"{_option_message(exc)} ({config.label})") from None
+
+
+def _negative(settings: EvalSettings, config: Config) -> str | None:
+    """The negative prompt for a config: only methods with CFG have an unconditional branch to use it."""
+    return settings.negative_prompt if REGISTRY[config.method].uses_cfg else None
+
+
+class BadInput(click.ClickException):
+    """A setting the run cannot use: one line, exit code 2."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path, rank: int = 0) -> Any:
+    """Hold an exclusive lock on ``out`` (one per rank of a run) for the block; a second
+    ``eval run`` on the same folder fails at once instead of computing the same jobs."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (LOCK_FILE if rank == 0 else f"{LOCK_FILE}.{rank}")
+    fh = open(path, "a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: msvcrt's byte-range lock
+            import msvcrt
+
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise BadInput(f"--out: {str(out)!r} is in use by another `attnguide eval run` (process {holder}); "
+                       "wait for it to finish, or use another --out folder") from None
+    try:
+        yield path
+    finally:
+        fh.close()  # closing releases the lock
+
+
+def clean_stale_temp_files(out: Path) -> int:
+    """Remove temporary files left by a killed or failed write (the caller holds the folder lock)."""
+    removed = 0
+    for path in Path(out).rglob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _has_results(out: Path) -> bool:
+    folder = out / JOBS_DIR
+    return folder.is_dir() and any(folder.glob("*/*.json"))
+
+
 def run_eval(settings: EvalSettings, *, generate_fn: Callable | None = None, dist: Dist | None = None) -> RunOutcome:
     """Run (or resume) an evaluation; the main process then merges records and writes the
     summary and plots (unless ``settings.report`` is False).
+
+    Every setting is checked (prompts, device, model, each config's generate arguments) before
+    anything is written; the folder is locked for the run, so a second process on the same folder
+    fails at once; temporary files of killed writes are removed. A folder whose run.json has no
+    finished job yet (a failed start) may be reused with other settings.
 
     ``generate_fn`` replaces ``attnguide.generate`` (tests); ``dist`` defaults to
     ``distributed()``.
     """
     from .. import sampling
+    from ..pipelines import check_device
 
     generate_fn = generate_fn or sampling.generate
     dist = dist or distributed()
     prompts, scenes = load_prompts(settings.prompts, settings.num_prompts, settings.prompt_seed)
     device = _resolve_device(settings.device, dist)
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise BadInput(_option_message(exc)) from None
     pipe, fingerprint = load_model(settings.model, device, settings.dtype)
+    check_settings(settings, pipe, prompts)
     meta = _run_meta(settings, fingerprint)
     run_file = settings.out / RUN_FILE
-    if dist.is_main:
-        stored = read_json(run_file) if run_file.is_file() else None
-        if stored:
-            _check_compatible(stored, meta, settings.out)
-        atomic_write_text(run_file, json.dumps(_merged_meta(stored, meta), indent=1) + "\n")
-    dist.barrier()
-    _check_compatible(read_json(run_file), meta, settings.out)  # every process saw the same model
+    with folder_lock(settings.out, dist.rank):
+        if dist.is_main:
+            clean_stale_temp_files(settings.out)
+            stored = read_json(run_file) if run_file.is_file() else None
+            if stored and not _has_results(settings.out):
+                stored = None  # a start that failed before any job finished: nothing to protect
+            if stored:
+                _check_compatible(stored, meta, settings.out)
+            atomic_write_text(run_file, json.dumps(_merged_meta(stored, meta), indent=1) + "\n")
+        dist.barrier()
+        _check_compatible(read_json(run_file), meta, settings.out)  # every process saw the same model
 
-    jobs = build_jobs(settings.configs, prompts, settings.n, settings.seed)
-    units = shard(work_units(jobs, settings.batch), dist.rank, dist.world_size)
-    todo = pending_units(units, settings.out)
-    mine = sum(len(u) for u in units)
-    outcome = RunOutcome(total_jobs=len(jobs), done_before=mine - sum(len(m) for _, m in todo), computed=0)
-    if todo:
-        scorer = _Scorer(settings, scenes, device)
-        bar = tqdm(total=sum(len(m) for _, m in todo), desc=f"eval {dist.rank + 1}/{dist.world_size}",
-                   position=dist.rank, disable=not settings.progress, unit="img")
-        for unit, missing in todo:
-            outcome.computed += _run_unit(pipe, unit, missing, settings, scorer, generate_fn, fingerprint, dist)
-            bar.update(len(missing))
-        bar.close()
-    dist.barrier()
-    if dist.is_main and settings.report:
-        outcome.summary, outcome.notes = report(settings.out, progress=settings.progress)
+        jobs = build_jobs(settings.configs, prompts, settings.n, settings.seed)
+        units = shard(work_units(jobs, settings.batch), dist.rank, dist.world_size)
+        todo = pending_units(units, settings.out)
+        mine = sum(len(u) for u in units)
+        outcome = RunOutcome(total_jobs=len(jobs), done_before=mine - sum(len(m) for _, m in todo), computed=0)
+        if todo:
+            scorer = _Scorer(settings, scenes, device)
+            bar = tqdm(total=sum(len(m) for _, m in todo), desc=f"eval {dist.rank + 1}/{dist.world_size}",
+                       position=dist.rank, disable=not settings.progress, unit="img")
+            for unit, missing in todo:
+                outcome.computed += _run_unit(pipe, unit, missing, settings, scorer, generate_fn, fingerprint, dist)
+                bar.update(len(missing))
+            bar.close()
+        dist.barrier()
+        if dist.is_main and settings.report:
+            outcome.summary, outcome.notes = report(settings.out, progress=settings.progress)
     return outcome
 
 
