@@ -45,7 +45,12 @@ def _factor(name: str, num_down_blocks: int) -> int:
 
 
 def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
-    """All attention layers of a diffusers ``UNet2DConditionModel``-shaped U-Net, in module order."""
+    """All attention layers of a diffusers ``UNet2DConditionModel``-shaped U-Net, in module order
+    (of a transformer denoiser: ``transformer_attention.list_layers``)."""
+    from . import transformer_attention
+
+    if transformer_attention.is_transformer(unet):
+        return transformer_attention.list_layers(unet)
     num_down = len(getattr(unet, "down_blocks", []))
     layers = []
     for name, module in _attention_modules(unet).items():
@@ -79,6 +84,10 @@ def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tup
     Raises ``ValueError`` listing the valid names when a pattern selects nothing or names a
     cross-attention layer.
     """
+    from . import transformer_attention
+
+    if transformer_attention.is_transformer(unet):
+        return transformer_attention.select_self_attention(unet, patterns)
     if isinstance(patterns, str):
         patterns = [patterns]
     patterns = list(patterns)
@@ -145,6 +154,7 @@ class SelfRecord:
     query: torch.Tensor  # (rows, heads, N, d), float32
     key: torch.Tensor
     scale: float
+    linear: bool = False  # linear attention (Sana): the map is relu(q)·relu(k) over its row sum, no softmax
 
 
 @dataclass

@@ -18,17 +18,22 @@ workflow. Per U-Net call the engine
 
 Everything installed (forward hooks, attention taps, two instance attributes) is removed when
 the block exits, also when the pipeline raises.
+
+Transformer denoisers (``pipe.transformer``: SD3, PixArt-Σ, Sana, HunyuanDiT, Flux) go through the same
+call with the taps of ``transformer_attention``; see there for what is perturbed and read per family.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from . import attention, segmentation
+from . import transformer_attention as tx
 from .guidance import METHODS, GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
 
 DEFAULT_PAG_LAYERS = ("mid",)
@@ -71,15 +76,21 @@ def default_levels(pipe) -> tuple[int, ...]:
 
 
 def _check_pipe(pipe) -> None:
-    if getattr(pipe, "unet", None) is None:
+    model = tx.denoiser(pipe)
+    if model is None:
         raise ValueError(
-            f"pipe must be a diffusers U-Net pipeline (it needs a .unet); {type(pipe).__name__} has none"
+            f"pipe must be a diffusers U-Net or transformer pipeline (it needs a .unet or a .transformer); "
+            f"{type(pipe).__name__} has neither"
         )
     if hasattr(pipe, "do_perturbed_attention_guidance") or hasattr(pipe, "set_pag_applied_layers"):
         raise ValueError(
             f"pipe is diffusers' PAG pipeline {type(pipe).__name__}, which runs its own PAG; use the plain "
             "pipeline class (e.g. StableDiffusionPipeline.from_pipe(pipe)) with attnguide.guide"
         )
+    if getattr(pipe, "unet", None) is None:
+        if not tx.is_transformer(model):
+            raise ValueError(f"pipe.transformer ({type(model).__name__}) is not a supported diffusers transformer denoiser")
+        return  # transformer pipelines: the batch layout is read per call (_Engine._pipeline_cfg)
     if not hasattr(type(pipe), "do_classifier_free_guidance"):
         raise ValueError(
             f"pipe {type(pipe).__name__} has no do_classifier_free_guidance, so the engine cannot tell which "
@@ -114,7 +125,8 @@ def _prompt_tokens(pipe, prompts: list[str] | None, images: int) -> list[list[st
     tokenizer = getattr(pipe, "tokenizer", None)
     if not prompts or tokenizer is None:
         return [[] for _ in range(images)]
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    length = min(int(tokenizer.model_max_length), 512)  # T5/BERT tokenizers may report a huge model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
     tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]
     per_prompt = max(1, images // len(tokens))
     return [t for t in tokens for _ in range(per_prompt)][:images]
@@ -125,10 +137,15 @@ class _Engine:
 
     def __init__(self, pipe, method: str, pag_scale: float, pag_layers, cfg_window, pag_window, guidance_rescale,
                  scfg: SCFGOptions, return_masks: bool, mask_steps, callback) -> None:
-        self.pipe, self.unet = pipe, pipe.unet
+        self.pipe, self.unet = pipe, tx.denoiser(pipe)
         # Validated once here with a placeholder w; the pipeline's own guidance_scale is used per call.
         self.template = GuidanceConfig(method=method, guidance_scale=1.0, pag_scale=pag_scale, cfg_window=cfg_window,
                                        pag_window=pag_window, guidance_rescale=guidance_rescale, scfg=scfg)
+        self.call_locals: dict[str, Any] = {}
+        self.transformer = getattr(pipe, "unet", None) is None
+        if self.transformer:
+            self._init_transformer(method, pag_layers, scfg, return_masks, mask_steps, callback)
+            return
         needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
         if needs_attention and not attention.list_layers(self.unet):
             raise ValueError(f"method {method!r} needs attention layers; this U-Net has none")
@@ -142,9 +159,56 @@ class _Engine:
             raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
         self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
         self.signature = inspect.signature(self.unet.forward)
+        self.sample_key, self.shared_inputs, self.eps_channels = "sample", frozenset(), None
         self.run = GuideRun()
         self.taps: attention.TapState | None = None
         self._new_call(None)
+
+    def _init_transformer(self, method, pag_layers, scfg: SCFGOptions, return_masks, mask_steps, callback) -> None:
+        """A transformer denoiser (SD3, PixArt-Σ, Sana, HunyuanDiT, Flux): layers from ``transformer_attention``."""
+        model, pipe = self.unet, self.pipe
+        # Pipelines that run CFG as a separate call (Flux's true CFG) never batch [uncond, cond].
+        self.separate_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+        if self.separate_cfg and self.template.uses_cfg:
+            raise ValueError(
+                f"method {method!r} needs the pipeline to batch [uncond, cond], but {type(pipe).__name__} runs no CFG "
+                "batch (its guidance_scale is embedded guidance; true_cfg_scale runs the negative prompt as a separate "
+                "call); use method 'pag' or 'none'"
+            )
+        needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
+        if needs_attention and not tx.list_layers(model):
+            raise ValueError(f"method {method!r} needs attention layers; this transformer has none")
+        self.perturb = tx.select_self_attention(model, pag_layers) if self.template.uses_pag else []
+        self.segmenting = self.template.uses_scfg or return_masks
+        if self.segmenting and scfg.levels is not None:
+            raise ValueError("scfg levels do not apply to transformer denoisers (every block sees the same token grid)")
+        if self.segmenting and self.separate_cfg:
+            raise ValueError(f"return_masks is not supported on {type(pipe).__name__}: its latents are packed into tokens")
+        self.pairs = tx.scfg_layers(model) if self.segmenting else []
+        self.seg_pairs = [(s, c, tx.patch_size(model)) for s, c in self.pairs]
+        if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
+            raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
+        self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
+        self.signature = inspect.signature(model.forward)
+        self.sample_key = next(iter(self.signature.parameters))
+        # Inputs shared by every row (no batch dimension, though a length may equal the batch by chance).
+        self.shared_inputs = frozenset({"image_rotary_emb", "txt_ids", "img_ids"})
+        config = getattr(model, "config", {})
+        out, inp = config.get("out_channels"), config.get("in_channels")
+        self.eps_channels = inp if (out and inp and out == 2 * inp) else None  # learned sigma: S-CFG reads ε only
+        self.run = GuideRun()
+        self.taps = None
+        self._new_call(None)
+
+    def _pipeline_cfg(self) -> bool:
+        """Whether the pipeline batches [uncond, cond] in this call."""
+        if self.transformer and self.separate_cfg:
+            return False
+        if hasattr(type(self.pipe), "do_classifier_free_guidance"):
+            return bool(self.pipe.do_classifier_free_guidance)
+        if "do_classifier_free_guidance" in self.call_locals:  # PixArt-Σ keeps it in a local of __call__
+            return bool(self.call_locals["do_classifier_free_guidance"])
+        raise ValueError(f"cannot tell whether {type(self.pipe).__name__} runs CFG in this call")
 
     # --- per pipeline call ------------------------------------------------------------------------
     def _new_call(self, total_steps: int | None) -> None:
@@ -156,13 +220,20 @@ class _Engine:
         self.run.branches_per_step = []
 
     def _config(self) -> GuidanceConfig:
-        w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        if not self.transformer:
+            w = float(getattr(self.pipe, "guidance_scale", 1.0))
+        elif self.separate_cfg:
+            w = 1.0  # Flux: guidance_scale is the embedded (distilled) guidance, not CFG's w
+        elif hasattr(type(self.pipe), "guidance_scale"):
+            w = float(self.pipe.guidance_scale)
+        else:
+            w = float(self.call_locals.get("guidance_scale", 1.0))
         t = self.template
         return GuidanceConfig(method=t.method, guidance_scale=w, pag_scale=t.pag_scale, cfg_window=t.cfg_window,
                               pag_window=t.pag_window, guidance_rescale=t.guidance_rescale, scfg=t.scfg)
 
     def _input_branches(self, config: GuidanceConfig) -> tuple[str, ...]:
-        pipeline_cfg = bool(self.pipe.do_classifier_free_guidance)
+        pipeline_cfg = bool(self.pipe.do_classifier_free_guidance) if not self.transformer else self._pipeline_cfg()
         if config.uses_cfg and not pipeline_cfg:
             raise ValueError(
                 f"method {config.method!r} guides with the pipeline's guidance_scale, but the pipeline runs without "
@@ -187,7 +258,7 @@ class _Engine:
         inputs = dict(bound.arguments)
         extra = inputs.pop("kwargs", {}) if "kwargs" in self.signature.parameters else {}
         inputs.update(extra)
-        sample = inputs["sample"]
+        sample = inputs[self.sample_key]
         config = self._config()
         layout = self._input_branches(config)
         batch = sample.shape[0]
@@ -201,7 +272,8 @@ class _Engine:
         ])
         return_dict = inputs.pop("return_dict", True)
         frames_in = sample.shape[2] if sample.ndim == 5 else 1
-        call_inputs = {k: (_map_rows(v, rows, batch, frames_in) if k != "timestep" or torch.is_tensor(v) else v)
+        call_inputs = {k: (_map_rows(v, rows, batch, frames_in)
+                           if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
                        for k, v in inputs.items()}
         want_masks = self.return_masks and (self.mask_steps is None or step in self.mask_steps)
         sources = _mask_sources(plan, config, want_masks)
@@ -216,17 +288,26 @@ class _Engine:
             seg = _segment(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
         if plan.scfg:
             opts = config.scfg
+            eps = slice(None, self.eps_channels)  # learned-sigma transformers: ε channels only
             rate = segmentation.scfg_rate(
-                predictions["uncond"], predictions["cond"], seg, config.guidance_scale,
+                predictions["uncond"][:, eps], predictions["cond"][:, eps], seg, config.guidance_scale,
                 opts.rate_min, opts.rate_max, opts.cap, opts.smoothing,
             ).to(noise.dtype)
         guided = combine(predictions, plan, config, rate)
+        if not bool(torch.isfinite(guided).all()):  # a NaN image is an error naming its cause, not a black PNG
+            from .validation import non_finite_error
+
+            raise non_finite_error(step, total, sample, predictions, config)
         if frames:
             guided = _rows_as_frames(guided, frames)
             predictions = {b: _rows_as_frames(p, frames) for b, p in predictions.items()}
         rows_per_branch = chunk * max(frames, 1)  # masks are per image, or per frame of a video
         self._record(step, inputs.get("timestep"), plan, predictions, guided, seg, rate, rows_per_branch, want_masks)
         out = torch.cat([guided] * len(layout)) if len(layout) > 1 else guided
+        if return_dict and self.transformer:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=out)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -281,6 +362,25 @@ def _segment(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation
     )
 
 
+def _read_call_locals(engine: _Engine, frame) -> None:
+    """What a transformer pipeline keeps only in locals of its ``__call__`` (read from the frame that
+    opens the progress bar, right before denoising): PixArt-Σ's CFG flag and w, Flux's true-CFG flag,
+    SD3's skip-layer guidance (a second, differently batched transformer call per step: refused)."""
+    names = ("guidance_scale", "do_classifier_free_guidance", "do_true_cfg", "skip_guidance_layers")
+    engine.call_locals = {k: frame.f_locals[k] for k in names if frame is not None and k in frame.f_locals}
+    if engine.call_locals.get("do_true_cfg"):
+        raise ValueError(
+            f"{type(engine.pipe).__name__} runs true CFG (true_cfg_scale > 1 with a negative prompt) as a separate "
+            "transformer call, which attnguide cannot batch; call it with true_cfg_scale=1 (method 'pag' works with "
+            "the embedded guidance_scale)"
+        )
+    if engine.call_locals.get("skip_guidance_layers") is not None:
+        raise ValueError(
+            f"{type(engine.pipe).__name__}'s skip_guidance_layers runs a second transformer call per step, which "
+            "attnguide cannot combine with its guidance; call it with skip_guidance_layers=None"
+        )
+
+
 @contextlib.contextmanager
 def _instance_patch(obj, name: str, value) -> Iterator[None]:
     """Set ``obj.name`` on the instance for the block; afterwards the attribute is as before."""
@@ -314,7 +414,9 @@ def guide(
     """Guide every call of ``pipe`` inside the block with ``method``; yields a ``GuideRun``.
 
     ``pipe`` is any diffusers U-Net pipeline whose loop batches ``[uncond, cond]`` (SD 1.x/2.x,
-    SDXL; text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, LoRA, AnimateDiff).
+    SDXL; text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, LoRA, AnimateDiff),
+    or a transformer pipeline (SD3 and its img2img, PixArt-Σ, Sana, HunyuanDiT; Flux with ``none``/``pag``
+    only: it runs no CFG batch, and its true CFG is refused).
     CFG's and S-CFG's w is the pipeline's own ``guidance_scale``: methods with CFG need it > 1,
     ``none`` and ``pag`` need it ≤ 1 (a clear error at the first U-Net call, before any denoising).
 
@@ -335,14 +437,15 @@ def guide(
             image = pipe("a cat on a sofa", image=init, strength=0.6, guidance_scale=7.5).images[0]
         run.masks.render(0, image).save("masks.png")
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    from .validation import check_guide_arguments
+
+    (method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
+     callback) = check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
+                                       scfg, return_masks, mask_steps, callback, DEFAULT_PAG_LAYERS)
     _check_pipe(pipe)
-    if isinstance(scfg, dict):
-        scfg = SCFGOptions(**scfg)
     engine = _Engine(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
                      scfg or SCFGOptions(), return_masks, mask_steps, callback)
-    unet = pipe.unet
+    unet = engine.unet
     original_forward = unet.forward
 
     def guided_forward(*args, **kwargs):
@@ -353,6 +456,8 @@ def guide(
     def progress_bar(iterable=None, total=None):
         # Every diffusers pipeline opens its progress bar right before its denoising loop.
         engine._new_call(total if total is not None else (len(iterable) if iterable is not None else None))
+        if engine.transformer:
+            _read_call_locals(engine, sys._getframe(1))
         return original_bar(iterable=iterable, total=total)
 
     encode_prompt = getattr(pipe, "encode_prompt", None)
@@ -363,7 +468,8 @@ def guide(
         return encode_prompt(*args, **kwargs)
 
     with contextlib.ExitStack() as stack:
-        engine.taps = stack.enter_context(attention.attention_taps(unet, perturb=engine.perturb, record=engine.pairs))
+        taps = tx.transformer_taps if engine.transformer else attention.attention_taps
+        engine.taps = stack.enter_context(taps(unet, perturb=engine.perturb, record=engine.pairs))
         stack.enter_context(_instance_patch(unet, "forward", guided_forward))
         stack.enter_context(_instance_patch(pipe, "progress_bar", progress_bar))
         if encode_prompt is not None:

@@ -93,6 +93,8 @@ def _probabilities(record: SelfRecord, queries: slice, heads: slice) -> torch.Te
     """Softmax attention probabilities of some heads and query rows: (rows, heads, n_q, N)."""
     q = record.query[:, heads, queries]
     logits = torch.matmul(q, record.key[:, heads].transpose(-1, -2))
+    if record.linear:  # Sana's linear attention (q, k already through relu), as SanaLinearAttnProcessor2_0
+        return logits.div_(logits.sum(dim=-1, keepdim=True).add_(1e-15))
     return logits.mul_(record.scale).softmax(dim=-1)
 
 
@@ -199,7 +201,8 @@ def _stacked(records: dict[str, object], group: list[tuple[str, str, int]]) -> t
     crosses = [records[c] for _, c, _ in group]
     if len(group) == 1:
         return crosses[0], selfs[0]
-    record = SelfRecord(torch.cat([r.query for r in selfs]), torch.cat([r.key for r in selfs]), selfs[0].scale)
+    record = SelfRecord(torch.cat([r.query for r in selfs]), torch.cat([r.key for r in selfs]), selfs[0].scale,
+                        selfs[0].linear)
     return torch.cat(crosses), record
 
 
