@@ -335,35 +335,69 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
 def layers(model, show_all) -> None:
     """List a model's attention layers (names usable in --pag-layers) and S-CFG levels.
 
+    Works on U-Nets (SD, SDXL, the built-in model) and transformers (SD3, PixArt, Sana, HunyuanDiT, Flux).
+
     \b
     Example:
       attnguide layers ./my-sd15
     """
-    from diffusers import UNet2DConditionModel
-
     from . import attention
+    from .transformer_attention import is_transformer
+
+    path = Path(model) if model else None
+    denoiser = _load_denoiser(path)
+    transformer = is_transformer(denoiser)
+    recommended = _recommended_levels(path)
+    levels = () if transformer else (recommended or attention.default_scfg_levels(denoiser))
+    click.echo(f"{'layer':62s} {'kind':6s} {'factor':>6s} {'heads':>5s}" + ("" if transformer else "  s-cfg"))
+    for layer in attention.list_layers(denoiser):
+        if layer.is_cross and not show_all:
+            continue
+        kind = getattr(layer, "kind", "cross" if layer.is_cross else "self")
+        mark = "" if transformer else ("  yes" if layer.factor in levels else "")
+        click.echo(f"{layer.name:62s} {kind:6s} {layer.factor:>6d} {layer.heads:>5d}{mark}")
+    if transformer:
+        click.echo("default PAG layers: mid (the middle block of the main block list)")
+    else:
+        source = "recommended by the model's attnguide.json" if recommended else "default"
+        click.echo(f"S-CFG levels (downsampling factors, {source}): {levels}; default PAG layers: mid")
+
+
+def _recommended_levels(path: Path | None) -> tuple[int, ...]:
+    """S-CFG levels the model folder recommends in its attnguide.json (empty if none)."""
+    import json
+
+    from .pipelines import builtin_model_path
+
+    settings = (path or builtin_model_path()) / "attnguide.json"
+    levels = json.loads(settings.read_text()).get("scfg_levels") if settings.is_file() else None
+    return tuple(levels or ())
+
+
+def _load_denoiser(path: Path | None):
+    """The U-Net or transformer of a diffusers folder (or of a denoiser folder itself), safetensors only."""
+    import json
+
+    import diffusers
+
     from .pipelines import ModelLoadError, _check_safetensors, _reason, builtin_model_path, quiet
 
-    path = Path(model) if model else builtin_model_path()
-    folder = path / "unet" if (path / "unet").is_dir() else path
+    path = path or builtin_model_path()
+    folder = next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").is_file()), path)
     if not (folder / "config.json").is_file():
-        raise InputError(f"MODEL: {str(path)!r} has no unet/config.json (a diffusers folder or a U-Net folder expected)")
+        raise InputError(f"MODEL: {str(path)!r} has no unet/config.json or transformer/config.json "
+                         "(a diffusers folder or a denoiser folder expected)")
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise InputError(f"MODEL: {str(folder / 'config.json')!r} names {class_name!r}, which is not a diffusers model class")
     for weights in sorted(folder.glob("*.safetensors")):
         _check_safetensors(weights)
     try:
         with quiet():
-            unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+            return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelLoadError(f"model: could not load {str(folder)!r}: {_reason(exc)}") from exc
-    levels = attention.default_scfg_levels(unet)
-    click.echo(f"{'layer':62s} {'kind':6s} {'factor':>6s} {'heads':>5s}  s-cfg")
-    for layer in attention.list_layers(unet):
-        if layer.is_cross and not show_all:
-            continue
-        kind = "cross" if layer.is_cross else "self"
-        mark = "yes" if layer.factor in levels else ""
-        click.echo(f"{layer.name:62s} {kind:6s} {layer.factor:>6d} {layer.heads:>5d}  {mark}")
-    click.echo(f"default S-CFG levels (downsampling factors): {levels}; default PAG layers: mid")
 
 
 @main.command()

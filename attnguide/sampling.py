@@ -14,6 +14,7 @@ import torch
 
 from . import segmentation, validation
 from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
+from .transformer_attention import denoiser
 from .guidance import METHODS, REGISTRY, SCFGOptions
 from .validation import Limits, NonFiniteError
 
@@ -32,20 +33,54 @@ class GenerationResult:
 
 
 def _check_pipe(pipe) -> None:
-    missing = [a for a in ("unet", "vae", "scheduler", "encode_prompt", "prepare_latents") if not hasattr(pipe, a)]
+    missing = [a for a in ("vae", "scheduler", "encode_prompt", "prepare_latents") if not hasattr(pipe, a)]
+    if denoiser(pipe) is None:
+        missing.insert(0, "unet or transformer")
     if missing:
-        raise ValueError(f"pipe must be a diffusers Stable Diffusion or SDXL pipeline; it lacks {missing}")
+        raise ValueError(f"pipe must be a diffusers text-to-image pipeline (SD, SDXL, SD3, PixArt, Sana, HunyuanDiT, Flux); "
+                         f"it lacks {missing}")
+
+
+def _size_multiple(pipe) -> int:
+    """Height and width must be multiples of this: the VAE's factor times the U-Net's downsampling,
+    or times a transformer's patch size (and Flux's 2x2 latent packing)."""
+    model = denoiser(pipe)
+    if hasattr(model, "up_blocks"):
+        return pipe.vae_scale_factor * 2 ** len(model.up_blocks[1:])
+    patch = int(getattr(model.config, "patch_size", 1) or 1)
+    return pipe.vae_scale_factor * patch * (2 if hasattr(pipe, "_pack_latents") else 1)
+
+
+def _default_size(pipe) -> int:
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
+    return int(size) * pipe.vae_scale_factor
+
+
+def _call_kwargs(work, kwargs: dict) -> dict:
+    """The keyword arguments the workflow's pipeline takes; one it lacks may only have its default."""
+    import inspect
+
+    accepted = set(inspect.signature(type(work).__call__).parameters)
+    for name in ("negative_prompt", "clip_skip"):  # unset: the pipeline's own default ("" for PixArt's negative prompt)
+        if kwargs.get(name) is None:
+            kwargs.pop(name, None)
+    defaults = {"eta": 0.0, "clip_skip": None, "negative_prompt": None, "callback_on_step_end": None}
+    for name in [k for k in kwargs if k not in accepted]:
+        if name in defaults and kwargs[name] != defaults[name] and name != "callback_on_step_end":
+            raise ValueError(f"{name}: {type(work).__name__} does not take {name} (got {kwargs[name]!r})")
+        kwargs.pop(name)
+    return kwargs
 
 
 def _check_size(pipe, height, width) -> tuple[int, int]:
-    multiple = pipe.vae_scale_factor * 2 ** len(getattr(pipe.unet, "up_blocks", [None])[1:])
+    multiple = _size_multiple(pipe)
     checked = []
     for name, value in (("height", height), ("width", width)):
         value = validation.integer(name, value, minimum=1)
         if value % multiple:
             raise ValueError(
                 f"{name} must be a positive multiple of {multiple} for this model (VAE factor "
-                f"{pipe.vae_scale_factor} x U-Net factor {multiple // pipe.vae_scale_factor}), got {value!r}"
+                f"{pipe.vae_scale_factor} x denoiser factor {multiple // pipe.vae_scale_factor}), got {value!r}"
             )
         checked.append(value)
     return checked[0], checked[1]
@@ -55,6 +90,11 @@ def _check_pixels(name: str, height: int, width: int, limits: Limits) -> None:
     if height * width > limits.max_pixels:
         raise ValueError(f"{name}: {width}x{height} = {height * width} pixels is more than attnguide.Limits.max_pixels = "
                          f"{limits.max_pixels} (raise the limit to allow it)")
+
+
+def _distilled(pipe) -> bool:
+    """A guidance-distilled model (Flux): its guidance_scale is an input of the denoiser, not CFG's w."""
+    return bool(getattr(denoiser(pipe).config, "guidance_embeds", False))
 
 
 def _check_clip_skip(pipe, clip_skip):
@@ -150,6 +190,7 @@ def generate(
     clip_skip: int | None = None,
     output_type: str = "pil",
     callback: Callable[[StepInfo], None] | None = None,
+    pipeline_kwargs: dict | None = None,
     progress: bool = True,
     limits: Limits | dict | None = None,
     _check_only: bool = False,
@@ -176,6 +217,8 @@ def generate(
         scheduler: a diffusers scheduler to use instead of (a copy of) the pipeline's.
         eta: DDIM's eta in [0, 1] (other schedulers ignore it). clip_skip: CLIP layers to skip.
         callback: called with a ``StepInfo`` after every step.
+        pipeline_kwargs: further keyword arguments of the pipeline's own call (e.g.
+            ``max_sequence_length`` of SD3/PixArt); they may not repeat one of ``generate``'s.
         limits: ``attnguide.Limits`` (or a dict of its fields): upper bounds of the scales, image
             size, images per call and steps, checked before any work (defaults: 100, 2048x2048
             pixels, 64 images, 1000 steps).
@@ -233,7 +276,7 @@ def generate(
                 raise ValueError(f"{name}: img2img makes images of the size of image ({image.size[0]}x{image.size[1]}); "
                                  "resize image instead of passing height/width")
         _check_pixels("image", image.size[1], image.size[0], limits)
-    default_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    default_size = _default_size(pipe)
     height = default_size if height is None else height
     width = default_size if width is None else width
     height, width = _check_size(pipe, height, width)
@@ -252,6 +295,14 @@ def generate(
     if mask_steps is not None and any(s >= denoising_steps for s in mask_steps):
         raise ValueError(f"mask_steps must lie in [0, {denoising_steps}), got {list(mask_steps)!r}")
     generators = _generators(seed, generator, batch)
+    if pipeline_kwargs is not None:
+        if not isinstance(pipeline_kwargs, dict) or not all(isinstance(k, str) for k in pipeline_kwargs):
+            raise TypeError(f"pipeline_kwargs must be a dict of keyword arguments, got {pipeline_kwargs!r}")
+        own = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "generator",
+               "eta", "clip_skip", "output_type", "callback_on_step_end", "height", "width", "image", "strength", "mask_image"}
+        clash = sorted(own & set(pipeline_kwargs))
+        if clash:
+            raise ValueError(f"pipeline_kwargs: {clash} are arguments of generate itself; pass them directly")
     if _check_only:
         return None
 
@@ -261,7 +312,7 @@ def generate(
     work.set_progress_bar_config(disable=not progress, desc=f"sampling ({method})")
     kwargs = dict(
         prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale if uses.uses_cfg else 1.0, num_images_per_prompt=num_images_per_prompt,
+        guidance_scale=guidance_scale if uses.uses_cfg or _distilled(pipe) else 1.0, num_images_per_prompt=num_images_per_prompt,
         generator=generators, eta=eta, clip_skip=clip_skip, output_type=output_type,
         callback_on_step_end=_check_latents,
     )
@@ -271,6 +322,8 @@ def generate(
         kwargs.update(image=image, strength=strength)
     if mask_image is not None:
         kwargs["mask_image"] = mask_image
+    kwargs = _call_kwargs(work, kwargs)
+    kwargs.update(pipeline_kwargs or {})
     with validation.using_limits(limits), guide(
         work, method, pag_scale=pag_scale, pag_layers=pag_layers, cfg_window=cfg_window, pag_window=pag_window,
         guidance_rescale=guidance_rescale, scfg=scfg, return_masks=return_masks, mask_steps=mask_steps, callback=callback,

@@ -675,3 +675,51 @@ def test_two_images_per_prompt_equal_diffusers(name):
     reference = call(peer(family), family, 5.0, seed=4, pag_scale=PAG_SCALE, num_images_per_prompt=2)
     assert ours.shape[0] == 2 and run.unet_evaluations == 3 * STEPS
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+# --- generate() on transformer pipelines ------------------------------------------------------------------
+
+GENERATE_FAMILIES = [f for f in FAMILIES if f.name not in ("sd3-img2img", "flux")]
+
+
+@pytest.mark.parametrize("family", GENERATE_FAMILIES, ids=ids(GENERATE_FAMILIES))
+def test_generate_runs_every_method(family):
+    from attnguide import METHODS, generate
+
+    pipe = plain(family)
+    extra = {k: v for k, v in family.inputs().items() if k not in ("image", "strength")}
+    branches = {"none": 1, "cfg": 2, "pag": 2, "cfg+pag": 3, "scfg": 2, "scfg+pag": 3}
+    for method in METHODS:
+        out = generate(pipe, PROMPT, method=method, guidance_scale=5.0, pag_scale=2.0, num_inference_steps=STEPS,
+                       height=family.size, width=family.size, seed=0, output_type="latent", progress=False,
+                       return_masks=method.startswith("scfg"), pipeline_kwargs=extra)
+        assert torch.isfinite(out.images).all(), method
+        assert out.unet_evaluations == STEPS * branches[method], method
+        if method.startswith("scfg"):
+            assert out.masks is not None and sorted(out.masks.steps) == list(range(STEPS)), method
+
+
+def test_generate_on_flux_runs_pag_and_refuses_cfg():
+    from attnguide import generate
+
+    family = BY_NAME["flux"]
+    pipe = plain(family)
+    for method, evaluations in (("none", 1), ("pag", 2)):
+        out = generate(pipe, PROMPT, method=method, guidance_scale=3.5, pag_scale=2.0, num_inference_steps=STEPS,
+                       height=family.size, width=family.size, seed=0, output_type="latent", progress=False,
+                       pipeline_kwargs=family.inputs())
+        assert torch.isfinite(out.images).all() and out.unet_evaluations == STEPS * evaluations
+    with pytest.raises(ValueError, match="CFG|cfg"):
+        generate(pipe, PROMPT, method="cfg", guidance_scale=3.5, num_inference_steps=STEPS, height=family.size,
+                 width=family.size, seed=0, output_type="latent", progress=False, pipeline_kwargs=family.inputs())
+
+
+def test_layers_command_lists_transformer_layers(tmp_path):
+    from click.testing import CliRunner
+
+    from attnguide.cli import main
+
+    sd3_transformer().save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    result = CliRunner().invoke(main, ["layers", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "transformer_blocks.1.attn" in result.output and "joint" in result.output
