@@ -435,8 +435,8 @@ def _attach_optional_commands() -> None:
     """Commands whose modules live in sub-packages; attached when those modules are present."""
     import importlib
 
-    for module, attr in (("attnguide.evaluation.evaluator", "evaluator_cli"), ("attnguide.evaluation.segcheck", "segcheck"),
-                         ("attnguide.evaluation.bench", "bench"), ("attnguide.evaluation.harness", "eval_cli"),
+    for module, attr in (("attnguide.evaluation.evaluator_cli", "evaluator_cli"), ("attnguide.evaluation.segcheck", "segcheck"),
+                         ("attnguide.evaluation.bench", "bench"), ("attnguide.evaluation.eval_cli", "eval_cli"),
                          ("attnguide.ui.app", "ui")):
         main.add_lazy_command(module, attr)  # imported on first use (keeps `attnguide --help` free of torch)
 

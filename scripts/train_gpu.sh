@@ -3,7 +3,7 @@
 #
 #   Here, once:   pip download --no-deps -d .whl --python-version 3.12 --only-binary=:all: \
 #                   --platform manylinux2014_x86_64 diffusers==0.42.1 importlib_metadata lazy-importer
-#   GPU call:     OUT=$OUT bash scripts/train_gpu.sh        (carry .whl)
+#   GPU call:     OUT=$OUT bash scripts/train_gpu.sh        (carry .whl; INIT=folder picks the model to continue)
 #   Back here:    cat OUT/model.tar.part-* | tar xf - -C runs/gpu     (then evaluate runs/gpu/model)
 #   Dry run (CPU, seconds; in the test suite):  DRY_RUN=1 OUT=/tmp/x bash scripts/train_gpu.sh
 #
@@ -22,8 +22,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
     ARGS=(--device cuda --steps "${STEPS:-20000}" --batch "${BATCH:-1024}" --pool "${POOL:-100000}" --checkpoint-every 500 --max-minutes "$MINUTES")
 fi
+# Continue the newest model: the v2 checkpoint when the tree has one, else the shipped model.
+INIT="${INIT:-$( [ -f checkpoints/builtin-v2/model_index.json ] && echo checkpoints/builtin-v2 || echo attnguide/builtin/model )}"
 RUN="$(mktemp -d)/run"
-PYTHONUNBUFFERED=1 python -m attnguide.cli train --out "$RUN" --init-from attnguide/builtin/model \
+PYTHONUNBUFFERED=1 python -m attnguide.cli train --out "$RUN" --init-from "$INIT" \
     --lr "${LR:-3e-4}" --warmup 100 --grounding 0.1 "${ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40
 mkdir -p "$OUT"
 tar cf - -C "$RUN" model | split -b 15m - "$OUT/model.tar.part-"

@@ -10,7 +10,10 @@ from scipy import ndimage
 
 from attnguide.builtin import data
 from attnguide.evaluation import evaluator as ev
-from attnguide.evaluation.evaluator import DetectedObject, Evaluator, score_prompt
+from attnguide.evaluation import evaluator_train, metrics
+from attnguide.evaluation.evaluator import DetectedObject, Evaluator
+from attnguide.evaluation.evaluator_cli import evaluator_cli
+from attnguide.evaluation.geneval import score_prompt
 
 torch.set_num_threads(1)
 
@@ -32,13 +35,13 @@ def test_frechet_from_stats_matches_closed_form_for_diagonal_covariances():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     var1, var2 = rng.uniform(0.2, 3.0, size=6), rng.uniform(0.2, 3.0, size=6)
-    got = ev.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2))
+    got = metrics.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2))
     assert got == pytest.approx(_closed_form_diag(mu1, var1, mu2, var2), rel=1e-9, abs=1e-9)
 
 
 def test_frechet_from_stats_identical_gaussians_is_zero_even_when_singular():
     sigma = np.diag([1.0, 2.0, 0.0])  # singular covariance
-    assert ev.frechet_distance_from_stats(np.ones(3), sigma, np.ones(3), sigma) == pytest.approx(0.0, abs=1e-5)
+    assert metrics.frechet_distance_from_stats(np.ones(3), sigma, np.ones(3), sigma) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_frechet_distance_on_samples_approaches_closed_form():
@@ -48,21 +51,21 @@ def test_frechet_distance_on_samples_approaches_closed_form():
     a = mu1 + rng.normal(size=(40000, 3)) * np.sqrt(var1)
     b = mu2 + rng.normal(size=(40000, 3)) * np.sqrt(var2)
     expected = _closed_form_diag(mu1, var1, mu2, var2)
-    assert ev.frechet_distance(a, b) == pytest.approx(expected, abs=0.03)
-    assert ev.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, abs=0.03)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_frechet_distance_handles_fewer_samples_than_dimensions():
     rng = np.random.default_rng(2)
-    value = ev.frechet_distance(rng.normal(size=(10, 32)), rng.normal(size=(12, 32)))
+    value = metrics.frechet_distance(rng.normal(size=(10, 32)), rng.normal(size=(12, 32)))
     assert np.isfinite(value) and value > 0
 
 
 def test_frechet_distance_rejects_bad_input():
     with pytest.raises(ValueError, match="feats_b"):
-        ev.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+        metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="feats_a"):
-        ev.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+        metrics.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def test_score_prompt_rejects_bad_input():
 
 
 def test_extract_objects_components_sizes_and_triangle_centre():
-    geometry = ev.calibrate_geometry(samples_per_kind=4)
+    geometry = evaluator_train.calibrate_geometry(samples_per_kind=4)
     tri = data.SceneObject("triangle", "green", "large", 20.0, 20.0)
     circ = data.SceneObject("circle", "purple", "small", 45.0, 45.0)
     _, masks = data.render(data.Scene((tri, circ), "gray", ""))
@@ -212,7 +215,7 @@ def test_extract_objects_components_sizes_and_triangle_centre():
 
 
 def test_extract_objects_splits_touching_objects_of_different_colours():
-    geometry = ev.calibrate_geometry(samples_per_kind=2)
+    geometry = evaluator_train.calibrate_geometry(samples_per_kind=2)
     fg = np.zeros((64, 64), bool)
     fg[20:40, 10:30] = fg[20:40, 30:50] = True
     colour = np.zeros((64, 64), np.int64)
@@ -227,7 +230,7 @@ def test_extract_objects_splits_touching_objects_of_different_colours():
 
 
 def test_shipped_evaluator_accuracy_on_heldout_scenes(shipped):
-    result = ev.evaluator_accuracy(50, seed=777, split="heldout", evaluator=shipped)
+    result = evaluator_train.evaluator_accuracy(50, seed=777, split="heldout", evaluator=shipped)
     assert result["n_scenes"] == 50
     for key in ("detected", "shape", "colour", "size", "position", "count"):
         assert result[key] >= 0.95, (key, result)
@@ -247,7 +250,7 @@ def test_features_are_pooled_vectors_and_separate_real_from_noise(shipped):
     fa, fb, fn = shipped.features(real_a), shipped.features(real_b), shipped.features(noise)
     assert fa.shape == (24, shipped.net.channels[-1]) and 64 <= fa.shape[1] <= 256
     np.testing.assert_allclose(shipped.features(torch.from_numpy(real_a)), fa, rtol=1e-5, atol=1e-6)
-    assert ev.frechet_distance(fa, fb) < ev.frechet_distance(fa, fn)
+    assert metrics.frechet_distance(fa, fb) < metrics.frechet_distance(fa, fn)
 
 
 def test_images_are_validated(shipped):
@@ -277,11 +280,11 @@ def test_save_load_roundtrip(tmp_path, shipped):
 
 
 def test_accuracy_command_prints_a_table():
-    result = CliRunner().invoke(ev.evaluator_cli, ["accuracy", "--n", "5", "--seed", "1", "--split", "train"])
+    result = CliRunner().invoke(evaluator_cli, ["accuracy", "--n", "5", "--seed", "1", "--split", "train"])
     assert result.exit_code == 0, result.output
     for key in ("shape", "colour", "size", "position", "count"):
         assert key in result.output
-    assert ev.evaluator_cli.name == "evaluator"
+    assert evaluator_cli.name == "evaluator"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +314,10 @@ def test_render_masks_match_rendered_pixels(split):
 
 
 def test_accuracy_through_the_builtin_autoencoder():
-    result = CliRunner().invoke(ev.evaluator_cli, ["accuracy", "--n", "4", "--seed", "1", "--through-vae", "builtin"])
+    result = CliRunner().invoke(evaluator_cli, ["accuracy", "--n", "4", "--seed", "1", "--through-vae", "builtin"])
     assert result.exit_code == 0, result.output
     assert "through the autoencoder of builtin" in result.output
-    bad = CliRunner().invoke(ev.evaluator_cli, ["accuracy", "--n", "4", "--through-vae", "/nonexistent"])
+    bad = CliRunner().invoke(evaluator_cli, ["accuracy", "--n", "4", "--through-vae", "/nonexistent"])
     assert bad.exit_code != 0 and "--through-vae" in bad.output
 
 
@@ -323,7 +326,7 @@ def test_round_trip_through_an_autoencoder_keeps_shape_and_range():
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
     images = data.render_batch(data.scenes(0, 3, "train"))
-    out = ev.round_trip(vae, images, batch_size=2)
+    out = evaluator_train.round_trip(vae, images, batch_size=2)
     assert out.shape == images.shape and out.dtype == np.float32
     assert out.min() >= -1 and out.max() <= 1
     assert not np.allclose(out, images)  # a random autoencoder cannot reproduce them

@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from attnguide import sampling
 from attnguide.cli import main as cli_main
-from attnguide.evaluation import harness, metrics
-from attnguide.evaluation.harness import Config, EvalSettings, parse_configs, run_eval
+from attnguide.evaluation import errors, metrics, storage, summary, sweep
+from attnguide.evaluation.runner import run_eval
+from attnguide.evaluation.settings import EvalSettings
+from attnguide.evaluation.sweep import Config, parse_configs
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +65,7 @@ def _without_timing(rows):
 
 
 def _records(out: Path) -> dict[str, dict]:
-    return {r["job"]: harness.strip_timing(r) for r in (json.loads(line) for line in (out / "records.jsonl").open())}
+    return {r["job"]: summary.strip_timing(r) for r in (json.loads(line) for line in (out / "records.jsonl").open())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,18 +93,18 @@ def test_parse_configs_rejects_bad_items_naming_the_option(item, match):
 
 
 def test_seeds_depend_only_on_prompt_and_sample():
-    jobs = harness.build_jobs(CONFIGS, ["a", "b"], 3, seed=7)
+    jobs = sweep.build_jobs(CONFIGS, ["a", "b"], 3, seed=7)
     by_config = {c: [(j.prompt_index, j.sample_index, j.seed) for j in jobs if j.config == c] for c in CONFIGS}
     assert by_config[CONFIGS[0]] == by_config[CONFIGS[1]]
-    assert len({j.seed for j in jobs}) == 6 and harness.job_seed(7, 1, 2) == 1009
+    assert len({j.seed for j in jobs}) == 6 and sweep.job_seed(7, 1, 2) == 1009
 
 
 def test_work_units_are_per_config_and_shards_partition_them():
-    jobs = harness.build_jobs(CONFIGS, ["a", "b", "c"], 1, seed=0)
-    units = harness.work_units(jobs, 2)
+    jobs = sweep.build_jobs(CONFIGS, ["a", "b", "c"], 1, seed=0)
+    units = sweep.work_units(jobs, 2)
     assert [len(u) for u in units] == [2, 1, 2, 1]
     assert all(len({j.config for j in u}) == 1 for u in units)
-    shards = [harness.shard(units, r, 3) for r in range(3)]
+    shards = [sweep.shard(units, r, 3) for r in range(3)]
     assert sorted(j.key for s in shards for u in s for j in u) == sorted(j.key for j in jobs)
 
 
@@ -146,7 +148,7 @@ def test_partial_unit_is_regenerated_whole_but_only_missing_records_written(tiny
 
 
 def _records_from_jobs(out: Path) -> dict[str, dict]:
-    return {r["job"]: harness.strip_timing(r) for r in harness.load_job_records(out)}
+    return {r["job"]: summary.strip_timing(r) for r in summary.load_job_records(out)}
 
 
 def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
@@ -295,7 +297,7 @@ def test_report_of_a_folder_without_a_run_fails_clearly(tmp_path):
 def test_bad_setting_is_refused_before_anything_is_written(tiny_model, tmp_path, kw, option):
     out = tmp_path / "run"
     counting = CountingGenerate()
-    with pytest.raises(harness.BadInput, match=option) as info:
+    with pytest.raises(errors.BadInput, match=option) as info:
         run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False, **kw), generate_fn=counting)
     assert info.value.exit_code == 2 and counting.calls == 0
     assert not (out / "run.json").exists() and not (out / "jobs").exists()
@@ -326,8 +328,8 @@ def test_folder_of_a_failed_start_without_results_is_reused(tiny_model, tmp_path
 def test_second_process_on_a_locked_folder_fails_at_once(tiny_model, tmp_path):
     out = tmp_path / "run"
     counting = CountingGenerate()
-    with harness.folder_lock(out):
-        with pytest.raises(harness.BadInput, match="in use"):
+    with storage.folder_lock(out):
+        with pytest.raises(errors.BadInput, match="in use"):
             run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False), generate_fn=counting)
     assert counting.calls == 0
     run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False), generate_fn=counting)  # released
@@ -335,9 +337,9 @@ def test_second_process_on_a_locked_folder_fails_at_once(tiny_model, tmp_path):
 
 
 def test_lock_excludes_a_second_process(tmp_path):
-    code = ("import sys\nfrom pathlib import Path\nfrom attnguide.evaluation import harness\n"
-            "try:\n    harness.folder_lock(Path(sys.argv[1])).__enter__()\nexcept Exception as e:\n    print(e)\n    sys.exit(3)\n")
-    with harness.folder_lock(tmp_path / "run"):
+    code = ("import sys\nfrom pathlib import Path\nfrom attnguide.evaluation import storage\n"
+            "try:\n    storage.folder_lock(Path(sys.argv[1])).__enter__()\nexcept Exception as e:\n    print(e)\n    sys.exit(3)\n")
+    with storage.folder_lock(tmp_path / "run"):
         done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
                               cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert done.returncode == 3 and "in use" in done.stdout, done.stdout + done.stderr
@@ -354,7 +356,7 @@ def test_stale_temp_files_are_cleaned_and_failed_writes_leave_none(tiny_model, t
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(harness.os, "fsync", full_disk)
+    monkeypatch.setattr(storage.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
-        harness.atomic_write_text(out / "x.json", "{}")
+        storage.atomic_write_text(out / "x.json", "{}")
     assert not list(out.glob(".*.tmp")) and not (out / "x.json").exists()

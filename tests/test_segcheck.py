@@ -12,9 +12,9 @@ def test_object_regions_follow_caption_words():
     labels = np.zeros(gt.shape[1:], dtype=int)
     for words, mask in zip(scene.object_words, gt):
         labels[mask] = words[-1] + 1  # the shape word's token position
-    regions = segcheck._object_regions(labels, scene)
-    assert all(segcheck._iou(r, g) == 1.0 for r, g in zip(regions, gt))
-    assert segcheck._iou(~np.any(regions, 0), ~np.any(gt, 0)) == 1.0
+    regions = segcheck.object_regions(labels, scene)
+    assert all(segcheck.iou(r, g) == 1.0 for r, g in zip(regions, gt))
+    assert segcheck.iou(~np.any(regions, 0), ~np.any(gt, 0)) == 1.0
 
 
 def test_iou_values():
@@ -22,7 +22,7 @@ def test_iou_values():
     b = np.zeros((4, 4), bool)
     a[:2] = True
     b[1:3] = True
-    assert segcheck._iou(a, b) == pytest.approx(4 / 12)
+    assert segcheck.iou(a, b) == pytest.approx(4 / 12)
 
 
 def test_runs_on_tiny_model(sd_pipe):

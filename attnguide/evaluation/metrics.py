@@ -1,24 +1,27 @@
 """Metrics of the evaluation harness, computed from per-image records and image features.
 
 - GenEval-style alignment (built-in prompts only): the fraction of images whose prompt is fully
-  satisfied, and the pass rate of every single check, from ``evaluator.score_prompt`` results.
-- Fréchet distance between evaluator features of generated and real (rendered) images.
+  satisfied, and the pass rate of every single check, from ``geneval.score_prompt`` results.
+- Fréchet distance between evaluator features of generated and real (rendered) images
+  (``frechet_distance``, as in the standard FID code).
 - Diversity: mean pairwise L2 distance between same-prompt samples in a feature space.
 - CLIP score, for any prompts, with a CLIP model the user supplies as a local folder.
 
-Everything here is plain numpy on already computed numbers, except ``ClipScorer`` (torch).
+Everything here is plain numpy/scipy on already computed numbers, except ``ClipScorer`` (torch).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import linalg
 
-# Checks of evaluator.score_prompt, in report order. A check that is None for an image (e.g. no
+# Checks of geneval.score_prompt, in report order. A check that is None for an image (e.g. no
 # relation in its caption) does not apply to it and is left out of that check's rate.
 CHECKS: tuple[str, ...] = ("present", "colour_bound", "size_correct", "count_correct", "relation_correct")
 
@@ -103,13 +106,72 @@ def diversity(feats: np.ndarray | Sequence, groups: Sequence[Any]) -> tuple[floa
 
 def frechet(generated: np.ndarray | Sequence, real: np.ndarray | Sequence) -> float | None:
     """Fréchet distance between Gaussians fitted to generated and real features (N, D) each
-    (``evaluator.frechet_distance``); None when either set has fewer than two rows."""
-    from .evaluator import frechet_distance
-
+    (``frechet_distance``); None when either set has fewer than two rows."""
     gen, ref = _features(generated, "generated"), _features(real, "real")
     if len(gen) < 2 or len(ref) < 2:
         return None
     return frechet_distance(gen, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def frechet_distance_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``.
+
+    As in the standard FID code, a non-finite matrix square root is retried with ``eps`` added to
+    the diagonals, and small imaginary parts from numerical error are dropped.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"mu1 and mu2 must be vectors of one length, got {mu1.shape} and {mu2.shape}")
+    d = mu1.shape[0]
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if sigma.shape != (d, d):
+            raise ValueError(f"{name} must be ({d}, {d}) to match the means, got {sigma.shape}")
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all() or _large_imaginary(covmean):
+        offset = np.eye(d) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if _large_imaginary(covmean):
+            raise ValueError(f"sigma1/sigma2: matrix square root has imaginary part {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    """Matrix square root; the near-singular case is handled by the caller, so scipy's
+    singularity warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(m)
+
+
+def _large_imaginary(m: np.ndarray) -> bool:
+    return bool(np.iscomplexobj(m) and not np.allclose(np.diagonal(m).imag, 0, atol=1e-3))
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D)."""
+    stats = []
+    for name, feats in (("feats_a", feats_a), ("feats_b", feats_b)):
+        feats = np.asarray(feats, dtype=np.float64)
+        if feats.ndim != 2 or feats.shape[0] < 2:
+            raise ValueError(f"{name} must be (N, D) with N >= 2, got shape {feats.shape}")
+        if not np.isfinite(feats).all():
+            raise ValueError(f"{name} contains non-finite values")
+        stats.append((feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])))
+    if stats[0][0].shape != stats[1][0].shape:
+        raise ValueError(f"feats_a and feats_b must have the same feature dimension, got "
+                         f"{stats[0][0].shape[0]} and {stats[1][0].shape[0]}")
+    return frechet_distance_from_stats(stats[0][0], stats[0][1], stats[1][0], stats[1][1], eps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import io
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .storage import PLOTS_DIR, atomic_write_bytes  # noqa: E402
 
 METRICS: tuple[tuple[str, str], ...] = (
     ("fully_correct", "fully-correct rate ↑"),
@@ -44,11 +47,11 @@ def _scale_label(row: dict[str, Any]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    """Save ``fig`` as PNG at ``path`` (written atomically) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -145,7 +148,7 @@ def sample_grid(out: Path, rows: Sequence[dict[str, Any]], records: Sequence[dic
 def make_plots(out: str | Path, rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> list[Path]:
     """Write every plot the data allows into ``out/plots``; returns the paths written."""
     out = Path(out)
-    folder = out / "plots"
+    folder = out / PLOTS_DIR
     made = [
         quality_alignment(rows, folder / "quality_alignment.png"),
         metrics_vs_scale(rows, folder / "metrics_vs_scale.png"),

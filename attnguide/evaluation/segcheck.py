@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 import numpy as np
@@ -21,6 +22,7 @@ from .. import attention
 from ..builtin import data
 from ..guidance import SCFGOptions
 from ..engine import _segment, default_levels
+from .storage import atomic_write_text
 
 
 @dataclass
@@ -35,12 +37,13 @@ class SegCheckResult:
     images: int
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _object_regions(labels: np.ndarray, scene: data.Scene) -> list[np.ndarray]:
+def object_regions(labels: np.ndarray, scene: data.Scene) -> list[np.ndarray]:
     """Predicted region of each object: pixels whose token is one of its words (+1 for <start>)."""
     return [np.isin(labels, [i + 1 for i in words]) for words in scene.object_words]
 
@@ -88,21 +91,27 @@ def segmentation_miou(
             unet(torch.cat([noisy, noisy]).to(unet.dtype), timestep, encoder_hidden_states=torch.cat([uncond, cond]))
             seg = _segment(taps, sources, seg_pairs, noisy.shape[-2:], opts)
             labels = F.interpolate(seg.labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long().cpu().numpy()
-            for scene, lab in zip(chunk, labels):
-                _, gt = data.render(scene)
-                predicted = _object_regions(lab, scene)
-                ious = [_iou(p, g) for p, g in zip(predicted, gt)]
-                bg = _iou(~np.any(predicted, axis=0), ~np.any(gt, axis=0))
-                image_mious.append(float(np.mean(ious + [bg])))
-                object_ious.extend(ious)
-                background_ious.append(bg)
-                for obj, iou in zip(scene.objects, ious):
-                    per_word.setdefault(obj.shape, []).append(iou)
+            _score_batch(chunk, labels, image_mious, object_ious, background_ious, per_word)
     return SegCheckResult(
         timestep=timestep, levels=tuple(levels), mode=mode, miou=float(np.mean(image_mious)),
         object_iou=float(np.mean(object_ious)), background_iou=float(np.mean(background_ious)),
         per_word={k: float(np.mean(v)) for k, v in sorted(per_word.items())}, images=n_images,
     )
+
+
+def _score_batch(scenes, labels: np.ndarray, image_mious: list, object_ious: list, background_ious: list,
+                 per_word: dict[str, list[float]]) -> None:
+    """IoUs of a batch's predicted label maps against its scenes' ground truth, appended to the lists."""
+    for scene, lab in zip(scenes, labels):
+        _, gt = data.render(scene)
+        predicted = object_regions(lab, scene)
+        ious = [iou(p, g) for p, g in zip(predicted, gt)]
+        bg = iou(~np.any(predicted, axis=0), ~np.any(gt, axis=0))
+        image_mious.append(float(np.mean(ious + [bg])))
+        object_ious.extend(ious)
+        background_ious.append(bg)
+        for obj, value in zip(scene.objects, ious):
+            per_word.setdefault(obj.shape, []).append(value)
 
 
 @click.command("segcheck")
@@ -131,5 +140,4 @@ def segcheck(model, n_images, timesteps, levels, mode, seed, json_path) -> None:
         words = ", ".join(f"{k} {v:.3f}" for k, v in r.per_word.items())
         click.echo(f"t={t:4d} levels={r.levels} mode={mode}: mIoU {r.miou:.3f} (objects {r.object_iou:.3f}, background {r.background_iou:.3f}; {words})")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=1)
+        atomic_write_text(Path(json_path), json.dumps([r.__dict__ for r in results], indent=1))

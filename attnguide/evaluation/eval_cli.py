@@ -1,0 +1,124 @@
+"""The ``attnguide eval`` commands: ``run`` (a resumable, shardable sweep) and ``report``.
+
+The library modules (``sweep``, ``settings``, ``runner``, ``summary``) raise ``ValueError`` and the
+errors of ``errors``; this module turns them into one-line messages (exit 2 for bad input, 1 for
+an unusable folder).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from ..cli import InputError, RunFailure
+from ..guidance import METHODS, SCFG_MODES
+from .errors import BadInput, EvalFolderError
+from .runner import run_eval
+from .settings import DEFAULT_BUILTIN_PROMPTS, EvalSettings, load_prompts
+from .summary import report, summary_markdown
+from .sweep import SEED_STRIDE, parse_configs, parse_scales, recommended_guidance_scale
+
+
+@contextlib.contextmanager
+def _errors_as_messages() -> Iterator[None]:
+    """The harness's errors as click errors: one line, exit code 2 (bad input) or 1 (folder)."""
+    try:
+        yield
+    except BadInput as exc:
+        raise InputError(str(exc)) from None
+    except EvalFolderError as exc:
+        raise RunFailure(str(exc)) from None
+
+
+@click.group(name="eval", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def eval_cli() -> None:
+    """Evaluate guidance methods over prompt sets: resumable, shardable sweeps with summaries and plots."""
+
+
+@eval_cli.command("run")
+@click.option("--methods", "methods", multiple=True, default=("none,cfg,pag,cfg+pag,scfg,scfg+pag",),
+              help="Comma list (or repeat) of METHOD or METHOD@SCALES. METHOD: " + ", ".join(METHODS) + ". "
+                   "SCALES: cfg@W, scfg@W, pag@S, cfg+pag@W/S (or cfg+pag@W: S from --pag-scale), scfg+pag@W/S.")
+@click.option("--scales", default=None,
+              help="Comma list of scales swept for each METHOD given without '@': w for cfg, scfg, cfg+pag, scfg+pag "
+                   "(s then fixed by --pag-scale), s for pag; none ignores it. Default: w = the model's "
+                   "attnguide.json guidance_scale (the built-in model ships one; else 7.5), pag s = 2.")
+@click.option("--pag-scale", type=click.FloatRange(0), default=1.5, help="s of cfg+pag / scfg+pag when not given as METHOD@W/S.")
+@click.option("--prompts", default="builtin", help="'builtin' (held-out scenes with ground truth: all metrics) or a text file, one prompt a line (model-agnostic metrics only).")
+@click.option("--num-prompts", type=click.IntRange(1), default=None, help=f"Prompts to use [default: {DEFAULT_BUILTIN_PROMPTS} for builtin, all of a file].")
+@click.option("--prompt-seed", type=int, default=1000, help="Seed of the built-in held-out scenes.")
+@click.option("--n", "n", type=click.IntRange(1, SEED_STRIDE), default=1, help="Images per prompt (>= 2 for diversity).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder; rerun the same command to resume.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default=None, help="Local diffusers folder [default: the built-in model].")
+@click.option("--steps", type=click.IntRange(1, 1000), default=30, help="Denoising steps.")
+@click.option("--seed", type=int, default=0, help="Base seed: sample k of prompt p uses seed + 1000 p + k, for every method.")
+@click.option("--batch", type=click.IntRange(1), default=8, help="Images per U-Net batch (and per work unit sharded across processes).")
+@click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns PAG perturbs.")
+@click.option("--scfg-mode", type=click.Choice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
+@click.option("--negative-prompt", default=None, help="Negative prompt for every prompt.")
+@click.option("--height", type=click.IntRange(1), default=None)
+@click.option("--width", type=click.IntRange(1), default=None)
+@click.option("--device", default="auto", help="torch device; auto: the process's accelerate device, else cuda if available, else cpu.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32")
+@click.option("--evaluator", type=click.Path(dir_okay=False), default=None, help="Scene evaluator weights (.safetensors) [default: the shipped one].")
+@click.option("--clip", type=click.Path(file_okay=False), default=None, help="Local transformers CLIP folder (safetensors) for CLIP score; never downloaded.")
+@click.option("--min-real", type=click.IntRange(2), default=500, help="At least this many real (rendered) images for the Fréchet distance (never fewer than generated per config).")
+@click.option("--grid-prompts", type=click.IntRange(0), default=4, help="Prompts (sample 0) in the sample grid; S-CFG masks are saved for them.")
+@click.option("--no-report", is_flag=True, help="Do not write summary and plots at the end (see `attnguide eval report`).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n, out, model, steps, seed, batch,
+                pag_layers, scfg_mode, negative_prompt, height, width, device, dtype, evaluator, clip, min_real,
+                grid_prompts, no_report, quiet) -> None:
+    """Generate and score images for every (method, scale) x prompt x sample; resumable and shardable.
+
+    \b
+    Examples:
+      attnguide eval run --out outputs/eval --num-prompts 40 --steps 20
+      attnguide eval run --methods cfg,scfg --scales 2,3.5,5,7.5 --n 4 --out outputs/sweep
+      attnguide eval run --methods cfg@5,pag@2,cfg+pag@5/1.5 --prompts prompts.txt --model ./sd15 --out outputs/sd
+      accelerate launch --multi_gpu --num_processes 2 -m attnguide.cli eval run --out outputs/eval
+    \b
+    Sharding: under `accelerate launch --multi_gpu --num_processes N` (torchrun; works on
+    CPU-only machines too, with gloo) or `torchrun --nproc_per_node N -m attnguide.cli eval run`,
+    work unit i (a batch of --batch jobs) runs in process i % N; the main process merges the
+    per-job records after a barrier, identical to a one-process run apart from timing.
+    (`accelerate launch --cpu` starts one process unless an MPI hostfile is configured.)
+    """
+    try:
+        configs = parse_configs(methods, parse_scales(scales), pag_scale, recommended_guidance_scale(model))
+        settings = EvalSettings(
+            out=Path(out), configs=configs, prompts=prompts, num_prompts=num_prompts, prompt_seed=prompt_seed, n=n,
+            model=model, steps=steps, seed=seed, batch=batch, pag_layers=tuple(p for p in pag_layers.split(",") if p),
+            scfg_mode=scfg_mode, negative_prompt=negative_prompt, height=height, width=width, device=device, dtype=dtype,
+            evaluator=evaluator, clip=clip, min_real=min_real, grid_prompts=grid_prompts, progress=not quiet,
+            report=not no_report,
+        )
+        load_prompts(prompts, num_prompts, prompt_seed)  # fail on a bad prompt file before loading anything
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    with _errors_as_messages():
+        outcome = run_eval(settings)
+    if outcome.summary is not None:
+        click.echo(summary_markdown(outcome.summary, outcome.notes))
+    click.echo(f"{outcome.computed} images computed by this process, {outcome.done_before} of its jobs were already done "
+               f"({outcome.total_jobs} jobs in the run); results in {out}/")
+
+
+@eval_cli.command("report")
+@click.argument("directory", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--evaluator", type=click.Path(dir_okay=False, exists=True), default=None, help="Evaluator weights [default: the run's].")
+@click.option("--min-real", type=click.IntRange(2), default=None, help="Real images for the Fréchet distance [default: the run's].")
+@click.option("--no-plots", is_flag=True)
+def report_command(directory, evaluator, min_real, no_plots) -> None:
+    """Rebuild records.jsonl, summary (CSV, Markdown, JSON) and plots of DIR from its saved records.
+
+    \b
+    Example:
+      attnguide eval report outputs/eval
+    """
+    with _errors_as_messages():
+        rows, notes = report(directory, evaluator_path=evaluator, min_real=min_real, plots=not no_plots,
+                             progress=True)
+    click.echo(summary_markdown(rows, notes))
