@@ -29,10 +29,18 @@ class LayerInfo:
     heads: int
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under ``torch.compile``'s wrapper (an ``OptimizedModule`` keeps it as ``_orig_mod``),
+    else ``model``: layer names are the same for a compiled and an uncompiled denoiser."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
 
-    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
+    return {name: m for name, m in unwrap(unet).named_modules() if isinstance(m, Attention)}
 
 
 def _factor(name: str, num_down_blocks: int) -> int:
@@ -49,6 +57,7 @@ def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
     (of a transformer denoiser: ``transformer_attention.list_layers``)."""
     from . import transformer_attention
 
+    unet = unwrap(unet)
     if transformer_attention.is_transformer(unet):
         return transformer_attention.list_layers(unet)
     num_down = len(getattr(unet, "down_blocks", []))
@@ -224,6 +233,11 @@ class GuidanceAttnProcessor:
         through the layer's own processor.
     record: ``"self"`` keeps q/k of the recorded branches; ``"cross"`` keeps their head-averaged
         attention probabilities (rows x N x T), computed explicitly from q/k (small: T tokens).
+        q and k are the layer's own ``to_q`` / ``to_k`` outputs, caught by forward hooks
+        (``attention_taps`` installs them) while the layer's processor runs, so they are not projected
+        a second time (the processor must not modify them in place afterwards; diffusers' do not); a
+        processor that does not call them once each (e.g. fused qkv projections) gets them computed
+        here as its processor would.
     """
 
     def __init__(self, name: str, state: "TapState", inner, perturb: bool = False, record: str | None = None) -> None:
@@ -232,11 +246,32 @@ class GuidanceAttnProcessor:
         self.inner = inner
         self.perturb = perturb
         self.record = record
+        self.capturing = False
+        self.captured: dict[str, list] = {"q": [], "k": []}
+
+    def capture_hook(self, key: str):
+        """A forward hook for ``to_q`` (``key="q"``) or ``to_k`` that keeps its outputs while the tap records."""
+        def hook(module, args, output):
+            if self.capturing:
+                self.captured[key].append(output)
+        return hook
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        recording = self.record is not None and bool(self.state.record_branches)
+        if not recording:
+            return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        self.captured = {"q": [], "k": []}
+        self.capturing = True
+        try:
+            out = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        finally:
+            self.capturing = False
+        captured, self.captured = self.captured, {"q": [], "k": []}
+        self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured)
+        return out
+
+    def _attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         batch = hidden_states.shape[0]
-        if self.record is not None and self.state.record_branches:
-            self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         perturbed = self.state.rows(batch, ("perturbed",)) if self.perturb and "perturbed" in self.state.branches else []
         if not perturbed:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -253,24 +288,20 @@ class GuidanceAttnProcessor:
         parts.append(identity_attention(attn, hidden_states[ptb], _rows_of(temb, ptb, batch)))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> None:
-        """Keep q/k (self) or head-averaged probabilities (cross) of the recorded rows, computed
-        from the layer's own projections as its processor computes them."""
+    def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured=None) -> None:
+        """Keep q/k (self) or head-averaged probabilities (cross) of the recorded rows: the layer's own
+        projections (``captured`` from its processor's call), else computed as its processor computes them."""
         batch = hidden_states.shape[0]
         rows = self.state.rows(batch, self.state.record_branches)
-        tokens, _, _ = processor_input(attn, _take(hidden_states, rows), _take(temb, rows) if torch.is_tensor(temb) else temb)
-        if attn.group_norm is not None:
-            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
-        if self.record == "self" or encoder_hidden_states is None:
-            context = tokens
+        qs, ks = (captured or {}).get("q", []), (captured or {}).get("k", [])
+        normal = batch - sum(s.stop - s.start for s in self.state.rows(batch, ("perturbed",))) if self.perturb else batch
+        if len(qs) == 1 and len(ks) == 1 and qs[0].shape[0] == normal and ks[0].shape[0] == normal and qs[0].ndim == 3:
+            query, key = _take(qs[0], rows), _take(ks[0], rows)  # rows lie within the normal (first) rows
+            if query.shape[0] != normal:  # a view of some rows would keep the whole batch's q/k alive
+                query, key = query.clone(), key.clone()
         else:
-            context = encoder_hidden_states[0] if isinstance(encoder_hidden_states, (tuple, list)) else encoder_hidden_states
-            context = _take(context, rows)
-            if attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-        n = tokens.shape[0]
-        query = attn.to_q(tokens)
-        key = attn.to_k(context)
+            query, key = self._project(attn, hidden_states, encoder_hidden_states, temb, rows)
+        n = query.shape[0]
         head_dim = key.shape[-1] // attn.heads
         query = query.view(n, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(n, -1, attn.heads, head_dim).transpose(1, 2)
@@ -289,6 +320,20 @@ class GuidanceAttnProcessor:
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
             logits = logits + _take(mask, rows).float()
         self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
+
+    def _project(self, attn, hidden_states, encoder_hidden_states, temb, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of ``rows`` as diffusers' attention processors compute them (group norm, norm_cross)."""
+        tokens, _, _ = processor_input(attn, _take(hidden_states, rows), _take(temb, rows) if torch.is_tensor(temb) else temb)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        if self.record == "self" or encoder_hidden_states is None:
+            context = tokens
+        else:
+            context = encoder_hidden_states[0] if isinstance(encoder_hidden_states, (tuple, list)) else encoder_hidden_states
+            context = _take(context, rows)
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+        return attn.to_q(tokens), attn.to_k(context)
 
 
 def identity_attention(attn, hidden_states: torch.Tensor, temb=None) -> torch.Tensor:
@@ -324,11 +369,19 @@ def attention_taps(
     if unknown:
         raise ValueError(f"no attention layer named {unknown}; valid names: {', '.join(modules)}")
     originals = {name: modules[name].processor for name in plan}
+    handles = []
     try:
         for name, options in plan.items():
-            modules[name].set_processor(GuidanceAttnProcessor(name, state, originals[name], **options))
+            tap = GuidanceAttnProcessor(name, state, originals[name], **options)
+            modules[name].set_processor(tap)
+            if options.get("record"):  # the recording reuses the layer's own q/k projections
+                for key, linear in (("q", getattr(modules[name], "to_q", None)), ("k", getattr(modules[name], "to_k", None))):
+                    if isinstance(linear, torch.nn.Module):
+                        handles.append(linear.register_forward_hook(tap.capture_hook(key)))
         yield state
     finally:
+        for handle in handles:
+            handle.remove()
         for name, processor in originals.items():
             modules[name].set_processor(processor)
         state.records.clear()

@@ -380,7 +380,7 @@ def _load_denoiser(path: Path | None):
 
     import diffusers
 
-    from .pipelines import ModelLoadError, _check_safetensors, _reason, builtin_model_path, quiet
+    from .pipelines import ModelLoadError, check_safetensors, load_error_reason, builtin_model_path, quiet
 
     path = path or builtin_model_path()
     folder = next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").is_file()), path)
@@ -392,12 +392,12 @@ def _load_denoiser(path: Path | None):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise InputError(f"MODEL: {str(folder / 'config.json')!r} names {class_name!r}, which is not a diffusers model class")
     for weights in sorted(folder.glob("*.safetensors")):
-        _check_safetensors(weights)
+        check_safetensors(weights)
     try:
         with quiet():
             return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ModelLoadError(f"model: could not load {str(folder)!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"model: could not load {str(folder)!r}: {load_error_reason(exc)}") from exc
 
 
 @main.command()

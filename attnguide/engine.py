@@ -158,7 +158,7 @@ class _Engine:
         if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
             raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
         self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
-        self.signature = inspect.signature(self.unet.forward)
+        self.signature = inspect.signature(attention.unwrap(self.unet).forward)
         self.sample_key, self.shared_inputs, self.eps_channels = "sample", frozenset(), None
         self.run = GuideRun()
         self.taps: attention.TapState | None = None
@@ -189,7 +189,7 @@ class _Engine:
         if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
             raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
         self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
-        self.signature = inspect.signature(model.forward)
+        self.signature = inspect.signature(attention.unwrap(model).forward)
         self.sample_key = next(iter(self.signature.parameters))
         # Inputs shared by every row (no batch dimension, though a length may equal the batch by chance).
         self.shared_inputs = frozenset({"image_rotary_emb", "txt_ids", "img_ids"})

@@ -82,7 +82,7 @@ def check_device(device) -> str:
     return str(device)
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> None:
     """A safetensors file must have a readable header and hold every byte the header describes."""
     import json
     import struct
@@ -152,11 +152,11 @@ def check_model_folder(path: str | Path) -> Path:
         if name not in _NO_WEIGHTS and (folder / "config.json").is_file() and not weights:
             raise ModelLoadError(f"model: {folder}: has no .safetensors weights (only safetensors files are loaded)")
         for file in weights:
-            _check_safetensors(file)
+            check_safetensors(file)
     return path
 
 
-def _reason(exc: BaseException) -> str:
+def load_error_reason(exc: BaseException) -> str:
     """The most specific one-line reason in an exception chain."""
     messages = []
     while exc is not None and len(messages) < 5:
@@ -186,6 +186,6 @@ def load_pipeline(model: str | Path | None = None, device: str = "cpu", dtype: s
         try:
             pipe = DiffusionPipeline.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True)
         except (OSError, ValueError, KeyError, AttributeError, ImportError, TypeError, RuntimeError) as exc:
-            raise ModelLoadError(f"model: could not load {str(path)!r}: {_reason(exc)}") from exc
+            raise ModelLoadError(f"model: could not load {str(path)!r}: {load_error_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

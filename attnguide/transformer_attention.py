@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, SelfRecord, TapState, _components_match, _take, identity_attention
+from .attention import LayerInfo, SelfRecord, TapState, _components_match, _take, identity_attention, unwrap
 
 BLOCK_LISTS = ("transformer_blocks", "blocks", "single_transformer_blocks")
 PERTURBABLE = ("self", "joint", "single")
@@ -52,6 +52,7 @@ class TransformerLayerInfo(LayerInfo):
 
 def is_transformer(model: torch.nn.Module) -> bool:
     """A diffusers transformer denoiser (as opposed to a U-Net)."""
+    model = unwrap(model)
     return not hasattr(model, "down_blocks") and any(isinstance(getattr(model, n, None), torch.nn.ModuleList) for n in BLOCK_LISTS)
 
 
@@ -68,10 +69,11 @@ def _attention_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         from diffusers.models.attention import AttentionModuleMixin
     except ImportError:  # older diffusers
         AttentionModuleMixin = Attention
-    return {n: m for n, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, (Attention, AttentionModuleMixin))}
 
 
 def _main_list(model: torch.nn.Module) -> str:
+    model = unwrap(model)
     for name in BLOCK_LISTS:
         if isinstance(getattr(model, name, None), torch.nn.ModuleList):
             return name
@@ -103,6 +105,7 @@ def list_layers(model: torch.nn.Module) -> list[TransformerLayerInfo]:
 
 
 def _expand(model: torch.nn.Module, pattern) -> list[str]:
+    model = unwrap(model)
     main = _main_list(model)
     if isinstance(pattern, int) and not isinstance(pattern, bool):
         pattern = str(pattern)
@@ -415,7 +418,7 @@ def transformer_taps(model: torch.nn.Module, perturb=(), record=(), state: TapSt
     try:
         if any(kinds[n] == "single" for n in plan):
             # Flux's single-stream attention sees one [text ; image] sequence; its block knows the split.
-            for block in getattr(model, "single_transformer_blocks", []):
+            for block in getattr(unwrap(model), "single_transformer_blocks", []):
                 handles.append(block.register_forward_pre_hook(text_length, with_kwargs=True))
         for name, options in plan.items():
             modules[name].set_processor(TransformerTap(name, state, originals[name], kinds[name], **options))

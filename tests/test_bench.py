@@ -51,3 +51,13 @@ def test_segment_bench_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "max score difference 0.00e+00; masks equal: True" in out.stdout
     assert "compared: median" in out.stdout and "current: median" in out.stdout
+
+
+def test_bench_profile_prints_attention_kernels():
+    """--profile: the op profile per method after the timing (SDPA calls = fused kernels, no math path)."""
+    result = CliRunner().invoke(main, ["bench", "--model", "tiny", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                       "--memory", "off", "--no-peers", "--methods", "cfg,pag,scfg", "--profile"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "### attention op profile and FLOPs per step" in result.output
+    assert "| pag | 14 / 14 / 0 / 0 | 0 / 0 / 0 / 0 | 0 / 0 / 0 / 0 | 0 / 0 / 0 / 0 | 2, " in result.output
+    assert "| scfg | 14 / 14 / 0 / 0 | 0 / 0 / 0 / 0 | 0 / 0 / 0 / 4 |" in result.output

@@ -131,18 +131,38 @@ def _sd_vae(scaling_factor: float, sample_size: int, force_upcast: bool):
     ).eval()
 
 
-def _tiny_components() -> dict:
-    """The test suite's tiny SD-shaped model: a 3-level U-Net on 16x16 latents, 32-pixel images."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    tokenizer = _sd_tokenizer(24)
-    unet = UNet2DConditionModel(
+# The U-Net architectures of the random-weight models (also built on the meta device by ``count_costs``).
+UNET_CONFIGS: dict[str, dict] = {
+    "tiny": dict(
         sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(16, 32, 32), layers_per_block=1, cross_attention_dim=32,
         attention_head_dim=(2, 2, 2), norm_num_groups=8,
-    ).eval()
+    ),
+    "sd15": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        use_linear_projection=True, norm_num_groups=32,
+    ),
+}
+
+
+def _tiny_components() -> dict:
+    """The test suite's tiny SD-shaped model: a 3-level U-Net on 16x16 latents, 32-pixel images."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tokenizer = _sd_tokenizer(24)
+    unet = UNet2DConditionModel(**UNET_CONFIGS["tiny"]).eval()
     vae = AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, norm_num_groups=8, sample_size=32, mid_block_add_attention=False,
@@ -158,12 +178,7 @@ def _sd15_components() -> dict:
     from diffusers import UNet2DConditionModel
 
     tokenizer = _sd_tokenizer(SD_TOKENS)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    ).eval()
+    unet = UNet2DConditionModel(**UNET_CONFIGS["sd15"]).eval()
     text_encoder = _clip_text(len(tokenizer), 768, 12, 12, 3072, SD_TOKENS)
     return dict(unet=unet, vae=_sd_vae(0.18215, 512, False), text_encoder=text_encoder, tokenizer=tokenizer,
                 scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -174,14 +189,7 @@ def _sdxl_components() -> dict:
     from diffusers import UNet2DConditionModel
 
     tokenizer = _sd_tokenizer(SD_TOKENS)
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        use_linear_projection=True, norm_num_groups=32,
-    ).eval()
+    unet = UNet2DConditionModel(**UNET_CONFIGS["sdxl"]).eval()
     return dict(
         unet=unet, vae=_sd_vae(0.13025, 1024, True),
         text_encoder=_clip_text(len(tokenizer), 768, 12, 12, 3072, SD_TOKENS),
@@ -893,6 +901,321 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deterministic cost accounting: U-Net evaluations, FLOPs and attention kernels per step
+
+COUNT_MODELS = ("tiny", "builtin", "sd15", "sdxl")
+# Phases of one guided step. "unet" is the U-Net's own work (PAG's identity rows included, reported
+# apart as "identity" too); the others are attnguide's extra arithmetic: the taps' recording of S-CFG's
+# q/k and cross maps inside the U-Net call, the segmentation, the rate map and the guidance combine.
+EXTRA_PHASES = ("record", "segment", "rate", "combine")
+# The fused kernels scaled_dot_product_attention dispatches to (its math path shows up as _safe_softmax).
+FUSED_SDPA_OPS = frozenset({
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_fused_attention_overrideable",
+})
+COUNTED_OPS = {"math_softmax": "aten._safe_softmax", "explicit_softmax": "aten._softmax"}
+
+
+def _flop_mapping() -> dict:
+    """FlopCounterMode's formulas plus the CPU flash kernel, which torch's registry lacks (it counted 0)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_flash(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    cpu_flash._get_raw = True  # takes tensors, not shapes
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: cpu_flash} if op is not None else {}
+
+
+class CostCounter:
+    """FLOPs (``torch.utils.flop_counter.FlopCounterMode``, one per phase, nested: each phase is counted
+    exclusive of the phases inside it) and op counts (a ``TorchDispatchMode``) of the code run inside
+    ``phase(name)`` blocks; ``scaled_dot_product_attention`` calls are counted at the Python level too."""
+
+    def __init__(self) -> None:
+        from collections import Counter, defaultdict
+
+        self.flops: dict[str, int] = defaultdict(int)
+        self.ops: dict[str, Counter] = defaultdict(Counter)
+        self.sdpa_calls: Counter = Counter()
+        self.linear_rows: dict[str, list] = defaultdict(list)
+        self._stack: list[list] = []  # [name, flops of nested phases]
+
+    @property
+    def current(self) -> str:
+        return self._stack[-1][0] if self._stack else "other"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        mode = FlopCounterMode(display=False, custom_mapping=_flop_mapping())
+        entry = [name, 0]
+        self._stack.append(entry)
+        try:
+            with mode:
+                yield
+        finally:
+            self._stack.pop()
+            total = mode.get_total_flops()
+            self.flops[name] += total - entry[1]
+            if self._stack:
+                self._stack[-1][1] += total
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["CostCounter"]:
+        """Count ops and SDPA calls; attribute the taps' recording and PAG's identity rows to their phases."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from attnguide import attention
+
+        counter = self
+
+        class _Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops[counter.current][str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        record = attention.GuidanceAttnProcessor._record
+        identity = attention.identity_attention
+
+        def counted_sdpa(*args, **kwargs):
+            counter.sdpa_calls[counter.current] += 1
+            return sdpa(*args, **kwargs)
+
+        def counted_record(tap, *args, **kwargs):
+            with counter.phase("record"):
+                return record(tap, *args, **kwargs)
+
+        def counted_identity(*args, **kwargs):
+            with counter.phase("identity"):
+                return identity(*args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = counted_sdpa
+        attention.GuidanceAttnProcessor._record = counted_record
+        attention.identity_attention = counted_identity
+        try:
+            with _Ops():
+                yield self
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+            attention.GuidanceAttnProcessor._record = record
+            attention.identity_attention = identity
+
+    def op_summary(self, phases: Sequence[str]) -> dict[str, int]:
+        ops = {}
+        for p in phases:
+            for k, v in self.ops[p].items():
+                ops[k] = ops.get(k, 0) + v
+        fused = sum(v for k, v in ops.items() if k in FUSED_SDPA_OPS)
+        return {"sdpa_calls": sum(self.sdpa_calls[p] for p in phases), "sdpa_fused_kernels": fused,
+                **{name: ops.get(op, 0) for name, op in COUNTED_OPS.items()},
+                "matmuls": sum(ops.get(k, 0) for k in ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"))}
+
+
+def _step_inputs(unet, rows: int, latent_hw: tuple[int, int], tokens: int, seed: int = 0) -> dict:
+    """Random U-Net inputs for ``rows`` batch rows (SD 1.x / SDXL conditioning), on the U-Net's device."""
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    if device.type != "meta":
+        torch.manual_seed(seed)
+    cfg = unet.config
+    inputs = {
+        "sample": torch.randn(rows, cfg.in_channels, *latent_hw, device=device, dtype=dtype),
+        "timestep": torch.tensor(500.0, device=device),
+        "encoder_hidden_states": torch.randn(rows, tokens, cfg.cross_attention_dim, device=device, dtype=dtype),
+    }
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, text_dim, device=device, dtype=dtype),
+                                       "time_ids": torch.randn(rows, 6, device=device, dtype=dtype)}
+    return inputs
+
+
+def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, batch: int = 1,
+               levels: Sequence[int] | None = None, pag_layers: str | Sequence[str] = "mid",
+               guidance_scale: float = 7.5, pag_scale: float = 3.0) -> CostCounter:
+    """Count one guided step of ``method`` as ``attnguide.guide`` runs it (the same taps, branch plan,
+    segmentation, rate and combine; ``engine._Engine.forward`` without the pipeline around it), on
+    ``unet``'s device: ``meta`` for FLOPs at any size in seconds, a real device for the kernels."""
+    from attnguide import attention, segmentation
+    from attnguide.engine import _mask_sources, _segment
+    from attnguide.guidance import GuidanceConfig, SCFGOptions, combine, plan_step
+
+    config = GuidanceConfig(method=method, guidance_scale=guidance_scale, pag_scale=pag_scale,
+                            scfg=SCFGOptions(levels=tuple(levels) if levels else None))
+    plan = plan_step(config, 0, 1)
+    perturb = attention.select_self_attention(unet, pag_layers) if config.uses_pag else []
+    pairs = attention.scfg_layers(unet, tuple(levels or attention.default_scfg_levels(unet))) if config.uses_scfg else []
+    factors = {l.name: l.factor for l in attention.list_layers(unet)}
+    seg_pairs = [(s, c, factors[c]) for s, c in pairs]
+    inputs = _step_inputs(unet, batch * len(plan.branches), latent_hw, tokens)
+    sources = _mask_sources(plan, config, False)
+    counter = CostCounter()
+    with torch.no_grad(), attention.attention_taps(unet, perturb=perturb, record=pairs) as taps, counter.active():
+        taps.branches, taps.record_branches = plan.branches, sources
+        taps.records.clear()
+        with counter.phase("unet"):
+            noise = unet(**inputs, return_dict=False)[0]
+        predictions = dict(zip(plan.branches, noise.chunk(len(plan.branches))))
+        seg = rate = None
+        if sources:
+            with counter.phase("segment"):
+                seg = _segment(taps, sources, seg_pairs, tuple(noise.shape[-2:]), config.scfg)
+        if plan.scfg:
+            opts = config.scfg
+            with counter.phase("rate"):
+                rate = segmentation.scfg_rate(predictions["uncond"], predictions["cond"], seg, guidance_scale,
+                                              opts.rate_min, opts.rate_max, opts.cap, opts.smoothing).to(noise.dtype)
+        with counter.phase("combine"):
+            combine(predictions, plan, config, rate)
+    counter.branches = plan.branches
+    return counter
+
+
+def _builtin_meta(model_path: str | Path | None) -> tuple[dict, int, tuple[int, ...] | None]:
+    """(U-Net config, text tokens, S-CFG levels) of the built-in model (or a diffusers folder), from its files."""
+    from attnguide.pipelines import builtin_model_path
+
+    path = Path(model_path) if model_path is not None else builtin_model_path()
+    config = json.loads((path / "unet" / "config.json").read_text())
+    text = json.loads((path / "text_encoder" / "config.json").read_text())
+    settings = path / "attnguide.json"
+    levels = json.loads(settings.read_text()).get("scfg_levels") if settings.is_file() else None
+    return config, int(text.get("max_position_embeddings", SD_TOKENS)), tuple(levels) if levels else None
+
+
+def counting_unet(model: str, device: str = "meta", model_path: str | Path | None = None, dtype: str = "float32"):
+    """(U-Net, native latent size, text tokens, S-CFG levels) of ``model``, built from its config on
+    ``device`` (``meta``: no memory, no weights; the architecture only)."""
+    from diffusers import UNet2DConditionModel
+
+    if model not in COUNT_MODELS:
+        raise ValueError(f"model must be one of {COUNT_MODELS}, got {model!r}")
+    levels = None
+    if model == "builtin":
+        config, tokens, levels = _builtin_meta(model_path)
+    else:
+        config, tokens = dict(UNET_CONFIGS[model]), 24 if model == "tiny" else SD_TOKENS
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = (UNet2DConditionModel.from_config(config) if model == "builtin" else UNet2DConditionModel(**config)).eval()
+    if dtype != "float32":
+        unet = unet.to(getattr(torch, dtype))
+    native, _ = _config_geometry(model, model_path)
+    vae_factor = native // int(unet.config.sample_size)
+    return unet, vae_factor, tokens, levels
+
+
+def count_costs(models: Sequence[str] = ("builtin", "sd15", "sdxl"), methods: Sequence[str] = METHOD_NAMES, *,
+                sizes: dict[str, int] | None = None, batch: int = 1, device: str = "meta",
+                model_path: str | Path | None = None, steps: int | None = None, progress: bool = False,
+                dtype: str = "float32") -> dict:
+    """Per model and method: U-Net evaluations per image, FLOPs per step (U-Net and attnguide's extra
+    arithmetic apart), their exact integer counts and ratios to ``cfg``, and the attention kernels
+    (SDPA calls vs explicit softmax; only a real device shows which SDPA kernel ran).
+
+    sizes: image side per model (default: native, i.e. 512 for sd15 and 1024 for sdxl).
+    steps: sampling steps for the per-image evaluation count (default: the model's recommended, else 50)."""
+    from attnguide.guidance import GuidanceConfig, plan_step
+
+    methods = [m for m in METHOD_NAMES if m in set(methods) | {"cfg"}]
+    report: dict[str, Any] = {"meta": {"device": device, "dtype": dtype, "batch": batch, "torch": torch.__version__,
+                                       "pag_layers": "mid", "guidance_scale": 7.5, "pag_scale": 3.0,
+                                       "flops": "torch.utils.flop_counter.FlopCounterMode (matmul/conv/attention; "
+                                                "a multiply-add = 2 FLOPs; elementwise ops not counted)"},
+                              "models": {}}
+    for model in models:
+        t0 = time.perf_counter()
+        unet, vae_factor, tokens, levels = counting_unet(model, device, model_path, dtype)
+        side = (sizes or {}).get(model) or _config_geometry(model, model_path)[0]
+        latent = (side // vae_factor, side // vae_factor)
+        n_steps = steps or (30 if model == "builtin" else 50)
+        per: dict[str, dict] = {}
+        for method in methods:
+            c = count_step(unet, method, latent, tokens, batch=batch, levels=levels)
+            config = GuidanceConfig(method=method, guidance_scale=7.5, pag_scale=3.0)
+            evaluations = sum(len(plan_step(config, i, n_steps).branches) for i in range(n_steps))
+            unet_flops = c.flops["unet"] + c.flops["identity"]
+            extra = {p: c.flops[p] for p in EXTRA_PHASES}
+            per[method] = {
+                "branches": list(c.branches), "unet_evals_per_image_per_step": len(c.branches),
+                "unet_evals_per_image": evaluations, "steps": n_steps,
+                "unet_flops_per_image": unet_flops // batch, "identity_flops_per_image": c.flops["identity"] // batch,
+                "extra_flops_per_image": {p: v // batch for p, v in extra.items()},
+                "total_flops_per_image": (unet_flops + sum(extra.values())) // batch,
+                "attention": {"unet": c.op_summary(["unet"]), "identity": c.op_summary(["identity"]),
+                              "record": c.op_summary(["record"]), "segment": c.op_summary(["segment"])},
+            }
+            if progress:
+                print(f"  {model} {method}: {unet_flops / batch / 1e9:.2f} GFLOP U-Net/image/step", file=sys.stderr)
+        ref = per["cfg"]
+        for p in per.values():
+            p["unet_flops_x_cfg"] = p["unet_flops_per_image"] / ref["unet_flops_per_image"]
+            p["total_flops_x_cfg"] = p["total_flops_per_image"] / ref["total_flops_per_image"]
+            p["unet_evals_x_cfg"] = p["unet_evals_per_image"] / ref["unet_evals_per_image"]
+        layers = attention_layer_count(unet)
+        report["models"][model] = {"height": side, "width": side, "latent": list(latent), "tokens": tokens,
+                                   "attention_layers": layers, "scfg_levels": list(levels or ()),
+                                   "seconds": time.perf_counter() - t0, "methods": per}
+    return report
+
+
+def attention_layer_count(unet) -> int:
+    from attnguide import attention
+
+    return len(attention.list_layers(unet))
+
+
+def _g(flops: int) -> str:
+    if flops == 0:
+        return "0"
+    return f"{flops / 1e9:,.3f}" if flops >= 1e7 else f"{flops / 1e9:.6f}"
+
+
+def format_costs(report: dict) -> str:
+    """Markdown tables of ``count_costs``: evaluations and FLOPs per image with ratios to cfg; attention kernels."""
+    lines = []
+    meta = report["meta"]
+    for model, m in report["models"].items():
+        lines.append(f"#### {model} {m['height']}x{m['width']} (latent {m['latent'][0]}x{m['latent'][1]}, {m['tokens']} text tokens, "
+                     f"{m['attention_layers']} attention layers), batch {meta['batch']}, counted on {meta['device']}")
+        lines.append("")
+        lines.append("| method | U-Net evals / image / step | U-Net evals / image ({} steps) | ×cfg | U-Net GFLOP / image / step | "
+                     "U-Net ×cfg | attnguide extra GFLOP (record + segment + rate + combine) | total ×cfg |".format(
+                         next(iter(m["methods"].values()))["steps"]))
+        lines.append("|---|---:|---:|---:|---:|---:|---|---:|")
+        for name, c in m["methods"].items():
+            e = c["extra_flops_per_image"]
+            extra = f"{_g(sum(e.values()))} ({' + '.join(_g(e[p]) for p in EXTRA_PHASES)})"
+            lines.append(f"| {name} | {c['unet_evals_per_image_per_step']} | {c['unet_evals_per_image']} | "
+                         f"{c['unet_evals_x_cfg']:.4f} | {_g(c['unet_flops_per_image'])} | {c['unet_flops_x_cfg']:.4f} | "
+                         f"{extra} | {c['total_flops_x_cfg']:.4f} |")
+        lines.append("")
+        lines.append("Attention per step (whole batch): `scaled_dot_product_attention` calls / fused SDPA kernels / SDPA "
+                     "math-path softmaxes / explicit softmaxes, inside the U-Net (taps' own layers included), in PAG's "
+                     "identity rows, in S-CFG's recording taps and in the segmentation"
+                     + (" (meta device: which SDPA kernel runs is not observable; count on cpu/cuda for that):"
+                        if meta["device"] == "meta" else ":"))
+        lines.append("")
+        lines.append("| method | U-Net | identity rows | recording taps | segmentation | identity rows: matmuls, GFLOP |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, c in m["methods"].items():
+            a = c["attention"]
+            if meta["device"] == "meta":  # meta tensors always take SDPA's math path: the kernel is not observable
+                cell = lambda s: f"{s['sdpa_calls']} / n/a / n/a / {s['explicit_softmax']}"
+            else:
+                cell = lambda s: f"{s['sdpa_calls']} / {s['sdpa_fused_kernels']} / {s['math_softmax']} / {s['explicit_softmax']}"
+            lines.append(f"| {name} | {cell(a['unet'])} | {cell(a['identity'])} | {cell(a['record'])} | {cell(a['segment'])} | "
+                         f"{a['identity']['matmuls']}, {_g(c['identity_flops_per_image'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -924,8 +1247,12 @@ def _names(value: str, allowed: Sequence[str], param: str) -> list[str]:
 @click.option("--pag-scale", type=click.FloatRange(0, 100), default=3.0)
 @click.option("--prompt", default=DEFAULT_PROMPT)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here as JSON.")
+@click.option("--count-only", is_flag=True, help="No timing: count U-Net evaluations, FLOPs (FlopCounterMode) and attention kernels per step of --count-models on --count-device.")
+@click.option("--count-models", default="builtin,sd15,sdxl", help=f"Comma list of models for --count-only ({', '.join(COUNT_MODELS)}), at their native size (or --height).")
+@click.option("--count-device", default="meta", help="Device of --count-only: meta (any size in seconds; SDPA kernel choice not observable) or a real one.")
+@click.option("--profile", is_flag=True, help="After timing, print the attention op profile per method (SDPA calls vs fused kernels vs explicit softmax, FLOPs) on --device.")
 def bench(model, model_path, steps, batch, heights, widths, repeats, warmup, dtype, device, methods, peers, peer_list, memory,
-          seed, guidance_scale, pag_scale, prompt, json_path) -> None:
+          seed, guidance_scale, pag_scale, prompt, json_path, count_only, count_models, count_device, profile) -> None:
     """Time per step, time per image and peak memory of every guidance method and of diffusers' pipelines.
 
     \b
@@ -934,12 +1261,27 @@ def bench(model, model_path, steps, batch, heights, widths, repeats, warmup, dty
       attnguide bench --model builtin --steps 3 --repeats 5 --json bench-builtin.json
       attnguide bench --model sd15 --height 256 --width 256 --steps 2 --repeats 1 --memory shared
       attnguide bench --model sdxl --device cuda --dtype float16 --steps 10 --height 1024 --height 768 --width 1024 --width 768
+      attnguide bench --count-only                       # evaluations, FLOPs, attention kernels: builtin, sd15, sdxl
+      attnguide bench --model tiny --profile             # timing, then the attention op profile per method
 
     On a CPU the SD 1.5 / SDXL architectures take seconds to minutes per step; keep steps, repeats
     and resolution small there. Ratios within one run are what to read on a loaded machine.
     """
     method_list = _names(methods, METHOD_NAMES, "--methods")
     peer_names: bool | list[str] = _names(peer_list, PEER_NAMES, "--peer-list") if peer_list else peers
+    if count_only:
+        models = _names(count_models, COUNT_MODELS, "--count-models")
+        sizes = {m: heights[0] for m in models} if heights else None
+        try:
+            costs = count_costs(models, method_list, sizes=sizes, batch=batch, device=count_device, dtype=dtype,
+                                model_path=model_path)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(format_costs(costs))
+        if json_path:
+            write_json(costs, json_path)
+            click.echo(f"wrote {json_path}")
+        return
     try:
         report = run_benchmark(
             model, steps=steps, batch=batch, heights=heights, widths=widths, repeats=repeats, warmup=warmup, dtype=dtype,
@@ -949,6 +1291,15 @@ def bench(model, model_path, steps, batch, heights, widths, repeats, warmup, dty
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(format_report(report))
+    if profile:
+        res = report["results"][0]
+        costs = count_costs([model], method_list, sizes={model: res["height"]}, batch=batch, device=device, dtype=dtype,
+                            model_path=model_path)
+        click.echo("### attention op profile and FLOPs per step\n")
+        click.echo(format_costs(costs))
+        report["profile"] = costs
+        if json_path:
+            write_json(report, json_path)
     if json_path:
         click.echo(f"wrote {json_path}")
 
