@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
 
@@ -71,7 +70,7 @@ def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
     return layers
 
 
-def _components_match(pattern: list[str], name: list[str]) -> bool:
+def components_match(pattern: list[str], name: list[str]) -> bool:
     """Pattern components match the leading components of a name, each exactly or by glob."""
     if len(pattern) > len(name):
         return False
@@ -101,8 +100,8 @@ def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tup
         patterns = [patterns]
     patterns = list(patterns)
     layers = list_layers(unet)
-    self_layers = [l.name for l in layers if not l.is_cross]
-    cross_layers = [l.name for l in layers if l.is_cross]
+    self_layers = [lay.name for lay in layers if not lay.is_cross]
+    cross_layers = [lay.name for lay in layers if lay.is_cross]
     if not self_layers:
         raise ValueError("pag_layers: this U-Net has no self-attention layers, so PAG cannot be applied")
     if not patterns:
@@ -112,8 +111,8 @@ def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tup
         if not isinstance(pattern, str) or not pattern.strip():
             raise ValueError(f"pag_layers entries must be non-empty strings, got {pattern!r}")
         parts = _expand(pattern)
-        hits = [n for n in self_layers if _components_match(parts, n.split("."))]
-        cross_hits = [n for n in cross_layers if _components_match(parts, n.split("."))]
+        hits = [n for n in self_layers if components_match(parts, n.split("."))]
+        cross_hits = [n for n in cross_layers if components_match(parts, n.split("."))]
         if cross_hits and not hits:
             raise ValueError(
                 f"pag_layers pattern {pattern!r} selects cross-attention layers ({', '.join(cross_hits[:4])}); "
@@ -128,7 +127,7 @@ def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tup
 def default_scfg_levels(unet: torch.nn.Module) -> tuple[int, ...]:
     """latent/4 and latent/8 when the U-Net has attention at both (the reference's choice),
     else its two coarsest attention levels."""
-    factors = sorted({l.factor for l in list_layers(unet) if l.is_cross})
+    factors = sorted({lay.factor for lay in list_layers(unet) if lay.is_cross})
     if not factors:
         raise ValueError("this U-Net has no cross-attention layers, so S-CFG cannot segment the prompt")
     if 4 in factors and 8 in factors:
@@ -139,11 +138,11 @@ def default_scfg_levels(unet: torch.nn.Module) -> tuple[int, ...]:
 def scfg_layers(unet: torch.nn.Module, levels: tuple[int, ...]) -> list[tuple[str, str]]:
     """(self-attention, cross-attention) layer pairs of the transformer blocks at ``levels``."""
     layers = list_layers(unet)
-    available = sorted({l.factor for l in layers if l.is_cross})
+    available = sorted({lay.factor for lay in layers if lay.is_cross})
     missing = [f for f in levels if f not in available]
     if missing:
         raise ValueError(f"scfg levels {missing} have no attention layers in this U-Net; available levels: {available}")
-    by_name = {l.name: l for l in layers}
+    by_name = {lay.name: lay for lay in layers}
     pairs = []
     for layer in layers:
         if layer.is_cross and layer.factor in levels:
@@ -190,7 +189,7 @@ class TapState:
         return merged
 
 
-def _take(tensor: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+def take_rows(tensor: torch.Tensor, slices: list[slice]) -> torch.Tensor:
     return torch.cat([tensor[s] for s in slices]) if len(slices) != 1 else tensor[slices[0]]
 
 
@@ -296,7 +295,7 @@ class GuidanceAttnProcessor:
         qs, ks = (captured or {}).get("q", []), (captured or {}).get("k", [])
         normal = batch - sum(s.stop - s.start for s in self.state.rows(batch, ("perturbed",))) if self.perturb else batch
         if len(qs) == 1 and len(ks) == 1 and qs[0].shape[0] == normal and ks[0].shape[0] == normal and qs[0].ndim == 3:
-            query, key = _take(qs[0], rows), _take(ks[0], rows)  # rows lie within the normal (first) rows
+            query, key = take_rows(qs[0], rows), take_rows(ks[0], rows)  # rows lie within the normal (first) rows
             if query.shape[0] != normal:  # a view of some rows would keep the whole batch's q/k alive
                 query, key = query.clone(), key.clone()
         else:
@@ -318,19 +317,19 @@ class GuidanceAttnProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-            logits = logits + _take(mask, rows).float()
+            logits = logits + take_rows(mask, rows).float()
         self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
 
     def _project(self, attn, hidden_states, encoder_hidden_states, temb, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k of ``rows`` as diffusers' attention processors compute them (group norm, norm_cross)."""
-        tokens, _, _ = processor_input(attn, _take(hidden_states, rows), _take(temb, rows) if torch.is_tensor(temb) else temb)
+        tokens, _, _ = processor_input(attn, take_rows(hidden_states, rows), take_rows(temb, rows) if torch.is_tensor(temb) else temb)
         if attn.group_norm is not None:
             tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
         if self.record == "self" or encoder_hidden_states is None:
             context = tokens
         else:
             context = encoder_hidden_states[0] if isinstance(encoder_hidden_states, (tuple, list)) else encoder_hidden_states
-            context = _take(context, rows)
+            context = take_rows(context, rows)
             if attn.norm_cross:
                 context = attn.norm_encoder_hidden_states(context)
         return attn.to_q(tokens), attn.to_k(context)

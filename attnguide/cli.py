@@ -380,7 +380,7 @@ def _load_denoiser(path: Path | None):
 
     import diffusers
 
-    from .pipelines import ModelLoadError, check_safetensors, load_error_reason, builtin_model_path, quiet
+    from .pipelines import ModelLoadError, builtin_model_path, check_safetensors, load_error_reason, quiet
 
     path = path or builtin_model_path()
     folder = next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").is_file()), path)
@@ -433,7 +433,6 @@ def train(out, export, init_from, steps, batch, lr, warmup, grounding, pool, che
 
 def _attach_optional_commands() -> None:
     """Commands whose modules live in sub-packages; attached when those modules are present."""
-    import importlib
 
     for module, attr in (("attnguide.evaluation.evaluator_cli", "evaluator_cli"), ("attnguide.evaluation.segcheck", "segcheck"),
                          ("attnguide.evaluation.bench", "bench"), ("attnguide.evaluation.eval_cli", "eval_cli"),

@@ -34,7 +34,7 @@ import torch
 
 from . import attention, segmentation
 from . import transformer_attention as tx
-from .guidance import METHODS, GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
+from .guidance import GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
 
 DEFAULT_PAG_LAYERS = ("mid",)
 
@@ -153,7 +153,7 @@ class _Engine:
         self.segmenting = self.template.uses_scfg or return_masks
         levels = (scfg.levels or default_levels(pipe)) if self.segmenting else ()
         self.pairs = attention.scfg_layers(self.unet, levels) if self.segmenting else []
-        factors = {l.name: l.factor for l in attention.list_layers(self.unet)}
+        factors = {lay.name: lay.factor for lay in attention.list_layers(self.unet)}
         self.seg_pairs = [(s, c, factors[c]) for s, c in self.pairs]
         if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
             raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
@@ -285,7 +285,7 @@ class _Engine:
         predictions = dict(zip(plan.branches, _frames_as_rows(noise).chunk(len(plan.branches))))
         seg = rate = None
         if sources:
-            seg = _segment(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
+            seg = segment_records(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
         if plan.scfg:
             opts = config.scfg
             eps = slice(None, self.eps_channels)  # learned-sigma transformers: ε channels only
@@ -349,7 +349,7 @@ def _mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> t
     return ("cond",)
 
 
-def _segment(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
+def segment_records(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
     """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
     first = next(iter(taps.records.values()))
     rows = first.query.shape[0] if isinstance(first, attention.SelfRecord) else first.shape[0]

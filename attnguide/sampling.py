@@ -14,8 +14,8 @@ import torch
 
 from . import segmentation, validation
 from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
-from .transformer_attention import denoiser
 from .guidance import METHODS, REGISTRY, SCFGOptions
+from .transformer_attention import denoiser
 from .validation import Limits, NonFiniteError
 
 __all__ = ["GenerationResult", "StepInfo", "generate", "check_arguments"]

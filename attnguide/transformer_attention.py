@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, SelfRecord, TapState, _components_match, _take, identity_attention, unwrap
+from .attention import LayerInfo, SelfRecord, TapState, components_match, identity_attention, take_rows, unwrap
 
 BLOCK_LISTS = ("transformer_blocks", "blocks", "single_transformer_blocks")
 PERTURBABLE = ("self", "joint", "single")
@@ -130,8 +130,8 @@ def select_self_attention(model: torch.nn.Module, patterns) -> list[str]:
         patterns = [patterns]
     patterns = list(patterns)
     layers = list_layers(model)
-    self_layers = [l.name for l in layers if l.kind in PERTURBABLE]
-    cross_layers = [l.name for l in layers if l.kind == "cross"]
+    self_layers = [lay.name for lay in layers if lay.kind in PERTURBABLE]
+    cross_layers = [lay.name for lay in layers if lay.kind == "cross"]
     if not self_layers:
         raise ValueError("pag_layers: this transformer has no self-attention layers, so PAG cannot be applied")
     if not patterns:
@@ -139,8 +139,8 @@ def select_self_attention(model: torch.nn.Module, patterns) -> list[str]:
     selected: list[str] = []
     for pattern in patterns:
         parts = _expand(model, pattern)
-        hits = [n for n in self_layers if _components_match(parts, n.split("."))]
-        cross_hits = [n for n in cross_layers if _components_match(parts, n.split("."))]
+        hits = [n for n in self_layers if components_match(parts, n.split("."))]
+        cross_hits = [n for n in cross_layers if components_match(parts, n.split("."))]
         if cross_hits and not hits:
             raise ValueError(
                 f"pag_layers pattern {pattern!r} selects cross-attention layers ({', '.join(cross_hits[:4])}); "
@@ -165,16 +165,16 @@ def scfg_layers(model: torch.nn.Module, count: int = 4) -> list[tuple[str, str]]
     if len(span) > count:
         span = [span[round(i * (len(span) - 1) / (count - 1))] for i in range(count)] if count > 1 else [span[len(span) // 2]]
     by_block: dict[str, list[TransformerLayerInfo]] = {}
-    for l in layers:
-        parts = l.name.split(".")
+    for lay in layers:
+        parts = lay.name.split(".")
         if parts[0] == main and len(parts) > 1:
-            by_block.setdefault(parts[1], []).append(l)
+            by_block.setdefault(parts[1], []).append(lay)
     pairs = []
     for index in span:
         members = by_block.get(str(index), [])
-        joint = [l for l in members if l.kind == "joint"]
-        cross = [l for l in members if l.kind == "cross"]
-        selfs = [l for l in members if l.kind == "self"]
+        joint = [lay for lay in members if lay.kind == "joint"]
+        cross = [lay for lay in members if lay.kind == "cross"]
+        selfs = [lay for lay in members if lay.kind == "self"]
         if joint:
             pairs.append((joint[0].name + ":self", joint[0].name + ":cross"))
         elif cross and selfs:
@@ -356,13 +356,13 @@ class TransformerTap:
         recorded branches, from the layer's own projections."""
         batch = hidden_states.shape[0]
         rows = self.state.rows(batch, self.state.record_branches)
-        hs = _take(hidden_states, rows)
+        hs = take_rows(hidden_states, rows)
         if self.kind == "joint":
             if type(attn).__name__ == "FluxAttention":
-                ehs = _take(encoder_hidden_states, rows)
+                ehs = take_rows(encoder_hidden_states, rows)
                 image, text = _flux_qkv(attn, hs, ehs, rotary, ehs.shape[1])
             else:
-                image, text = _sd3_qkv(attn, hs, _take(encoder_hidden_states, rows))
+                image, text = _sd3_qkv(attn, hs, take_rows(encoder_hidden_states, rows))
             q, k, tk = image[0].float(), image[1].float(), text[1].float()
             scale = q.shape[-1] ** -0.5
             self.state.records[self.name + ":self"] = SelfRecord(q, k, scale)
@@ -376,13 +376,13 @@ class TransformerTap:
             else:
                 self.state.records[self.name] = SelfRecord(q.float(), k.float(), attn.scale)
             return
-        context = _take(encoder_hidden_states, rows)
+        context = take_rows(encoder_hidden_states, rows)
         q, k, _ = _attention_qkv(attn, hs, context, rotary=rotary, rotate_key=False, norm_first=norm_first)
         logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-            logits = logits + _take(mask, rows).float()
+            logits = logits + take_rows(mask, rows).float()
         self.state.records[self.name] = logits.softmax(dim=-1).mean(dim=1)  # (rows, N, T)
 
 
@@ -395,7 +395,7 @@ def transformer_taps(model: torch.nn.Module, perturb=(), record=(), state: TapSt
     state = state or TapState()
     state.text_len = None
     modules = _attention_modules(model)
-    kinds = {l.name: l.kind for l in list_layers(model)}
+    kinds = {lay.name: lay.kind for lay in list_layers(model)}
     plan: dict[str, dict] = {}
     for name in perturb:
         plan.setdefault(name, {})["perturb"] = True

@@ -1,9 +1,8 @@
 """Layer selection and tap installation/restoration."""
 import pytest
-import torch
+from conftest import tiny_unet
 
 from attnguide import attention
-from conftest import tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +11,7 @@ def unet():
 
 
 def test_list_layers_factors(unet):
-    layers = {l.name: l for l in attention.list_layers(unet)}
+    layers = {lay.name: lay for lay in attention.list_layers(unet)}
     assert layers["mid_block.attentions.0.transformer_blocks.0.attn1"].factor == 4
     assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn1"].factor == 1
     assert layers["up_blocks.1.attentions.0.transformer_blocks.0.attn2"].factor == 2
@@ -28,12 +27,11 @@ def test_selection_patterns(unet):
 
 
 def test_selection_is_exact_per_component():
-    from diffusers import UNet2DConditionModel
 
     # 11 down blocks would be huge; a fake name list checks the matcher directly.
-    assert attention._components_match(["down_blocks", "1"], "down_blocks.1.attentions.0".split("."))
-    assert not attention._components_match(["down_blocks", "1"], "down_blocks.10.attentions.0".split("."))
-    assert not attention._components_match(["down_blocks", "1"], "down_blocks.11".split("."))
+    assert attention.components_match(["down_blocks", "1"], "down_blocks.1.attentions.0".split("."))
+    assert not attention.components_match(["down_blocks", "1"], "down_blocks.10.attentions.0".split("."))
+    assert not attention.components_match(["down_blocks", "1"], "down_blocks.11".split("."))
 
 
 def test_selection_errors_list_valid_names(unet):

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import sd_components
 from PIL import Image
 
 import attnguide
 from attnguide import Limits, NonFiniteError, generate, guide
-from conftest import sd_components
 
 STEPS = 4
 

@@ -20,9 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from diffusers import StableDiffusionPipeline
-
     from conftest import sd_components
+    from diffusers import StableDiffusionPipeline
 
     path = tmp_path_factory.mktemp("cli") / "tiny"
     StableDiffusionPipeline(**sd_components()).save_pretrained(path, safe_serialization=True)

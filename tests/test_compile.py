@@ -7,11 +7,11 @@ guards, which are the same for every backend; inductor would take minutes on a C
 from __future__ import annotations
 
 import torch
+from conftest import sd_components
 
 from attnguide import attention
 from attnguide.engine import guide
 from attnguide.guidance import METHODS, REGISTRY
-from conftest import sd_components
 
 STEPS = 2
 

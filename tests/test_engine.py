@@ -12,17 +12,24 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    IP_EMBED_DIM,
+    load_tiny_ip_adapter,
+    sd_components,
+    sdxl_components,
+    tiny_controlnet,
+    tiny_inpaint_unet,
+    tiny_motion_adapter,
+    tiny_t2i_adapter,
+    tiny_unet,
+)
 from PIL import Image
 
-import diffusers
 from attnguide.engine import guide
-from conftest import (
-    IP_EMBED_DIM, load_tiny_ip_adapter, sd_components, sdxl_components, tiny_controlnet, tiny_inpaint_unet,
-    tiny_motion_adapter, tiny_t2i_adapter, tiny_unet,
-)
 
 STEPS = 4
 PROMPT = "a red circle on a gray background"

@@ -7,12 +7,12 @@ import functools
 
 import pytest
 from click.testing import CliRunner
+from conftest import sd_components
 
 from attnguide import attention
 from attnguide.engine import _instance_patch, guide
 from attnguide.evaluation import bench
 from attnguide.guidance import METHODS, REGISTRY
-from conftest import sd_components
 
 LATENT, TOKENS = (16, 16), 24  # conftest's tiny U-Net: 32-pixel images, the built-in tokenizer's 24 tokens
 

@@ -30,9 +30,8 @@ CONFIGS = [Config("cfg", 3.0), Config("scfg+pag", 3.0, 1.5)]
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from diffusers import StableDiffusionPipeline
-
     from conftest import sd_components
+    from diffusers import StableDiffusionPipeline
 
     path = tmp_path_factory.mktemp("tiny") / "model"
     StableDiffusionPipeline(**sd_components()).save_pretrained(path, safe_serialization=True)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import sd_components
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
 
 from attnguide import generate
-from conftest import sd_components
 
 STEPS = 4
 

@@ -81,7 +81,7 @@ def reference_scfg(modules, captured, pairs, latent, preds, mode, power=4):
 def test_fast_path_equals_float64_reference(sd_pipe, mode):
     unet = sd_pipe.unet
     levels = attention.default_scfg_levels(unet)
-    factors = {l.name: l.factor for l in attention.list_layers(unet)}
+    factors = {lay.name: lay.factor for lay in attention.list_layers(unet)}
     pairs = [(s, c, factors[c]) for s, c in attention.scfg_layers(unet, levels)]
     assert len(pairs) == 4  # down_blocks.1, up_blocks.1 x2 (factor 2) and the mid block (factor 4)
     modules = dict(unet.named_modules())

@@ -13,11 +13,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-import diffusers
 from attnguide import attention
 from attnguide import transformer_attention as tx
 from attnguide.engine import guide
@@ -338,8 +338,8 @@ def test_scfg_refuses_flux_and_levels():
 def test_layer_selection_matches_components_exactly():
     model = sd3_transformer(num_layers=11)
     layers = attention.list_layers(model)  # what `attnguide layers` prints
-    assert [l.name for l in layers] == [f"transformer_blocks.{i}.attn" for i in range(11)]
-    assert all(l.kind == "joint" and not l.is_cross and l.factor == 1 and l.heads == 2 for l in layers)
+    assert [lay.name for lay in layers] == [f"transformer_blocks.{i}.attn" for i in range(11)]
+    assert all(lay.kind == "joint" and not lay.is_cross and lay.factor == 1 and lay.heads == 2 for lay in layers)
     for pattern in ("transformer_blocks.1", "blocks.1", "1", "transformer_blocks.1.attn"):
         assert attention.select_self_attention(model, pattern) == ["transformer_blocks.1.attn"]
     assert attention.select_self_attention(model, "mid") == ["transformer_blocks.5.attn"]
@@ -349,7 +349,7 @@ def test_layer_selection_matches_components_exactly():
 
 
 def test_layer_kinds_per_family():
-    kinds = {name: {l.name: l.kind for l in tx.list_layers(_components(name)["transformer"])}
+    kinds = {name: {lay.name: lay.kind for lay in tx.list_layers(_components(name)["transformer"])}
              for name in ("pixart-sigma", "hunyuan-dit", "sana", "flux")}
     assert kinds["pixart-sigma"]["transformer_blocks.1.attn1"] == "self"
     assert kinds["pixart-sigma"]["transformer_blocks.1.attn2"] == "cross"

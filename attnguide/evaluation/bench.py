@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import click
 import torch
+
 from ..attention import processor_input, processor_output
 from ..guidance import METHODS, REGISTRY
 
@@ -386,8 +387,7 @@ def _is_sdxl(pipe) -> bool:
 
 def _peer_pipelines(pipe) -> tuple[Any, Any]:
     """diffusers' plain and PAG pipelines sharing ``pipe``'s components (no copies)."""
-    from diffusers import (StableDiffusionPAGPipeline, StableDiffusionPipeline, StableDiffusionXLPAGPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline, StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
 
     components = dict(pipe.components)
     if _is_sdxl(pipe):
@@ -606,7 +606,7 @@ def _run_memory_children(groups: list[list[str]], spec: dict, progress: bool) ->
             [sys.executable, "-c", "from attnguide.evaluation.bench import _memory_child; _memory_child()"],
             input=json.dumps(dict(spec, configs=group)), capture_output=True, text=True, env=env,
         )
-        line = next((l for l in child.stdout.splitlines() if l.startswith("BENCH-MEMORY ")), None)
+        line = next((lay for lay in child.stdout.splitlines() if lay.startswith("BENCH-MEMORY ")), None)
         if child.returncode != 0 or line is None:
             tail = "\n".join((child.stderr or child.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"memory measurement of {group} failed (exit {child.returncode}):\n{tail}")
@@ -1050,7 +1050,7 @@ def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, ba
     plan = plan_step(config, 0, 1)
     perturb = attention.select_self_attention(unet, pag_layers) if config.uses_pag else []
     pairs = attention.scfg_layers(unet, tuple(levels or attention.default_scfg_levels(unet))) if config.uses_scfg else []
-    factors = {l.name: l.factor for l in attention.list_layers(unet)}
+    factors = {lay.name: lay.factor for lay in attention.list_layers(unet)}
     seg_pairs = [(s, c, factors[c]) for s, c in pairs]
     inputs = _step_inputs(unet, batch * len(plan.branches), latent_hw, tokens)
     sources = _mask_sources(plan, config, False)
@@ -1241,7 +1241,8 @@ def _names(value: str, allowed: Sequence[str], param: str) -> list[str]:
 @click.option("--methods", default=",".join(METHOD_NAMES), help="Comma list of attnguide methods (cfg is always included).")
 @click.option("--peers/--no-peers", default=True, help=f"Also run the peers: {', '.join(PEER_NAMES)}.")
 @click.option("--peer-list", default=None, help="Comma list of peers to run (implies --peers) [default: all].")
-@click.option("--memory", type=click.Choice(MEMORY_MODES), default="fresh", help="CPU peak memory: one fresh child process per configuration, one shared child, this process, or off.")
+@click.option("--memory", type=click.Choice(MEMORY_MODES), default="fresh",
+              help="CPU peak memory: one fresh child process per configuration, one shared child, this process, or off.")
 @click.option("--seed", type=int, default=0)
 @click.option("--guidance-scale", type=click.FloatRange(0, 100), default=7.5)
 @click.option("--pag-scale", type=click.FloatRange(0, 100), default=3.0)

@@ -19,8 +19,16 @@ from tqdm.auto import tqdm
 from attnguide.builtin import data
 
 from .evaluator import (
-    COLOUR_NAMES, CONFIG_FORMAT, DEFAULT_CHANNELS, DEFAULT_WEIGHTS, MIN_AREA, SHAPE_NAMES, SIZE_NAMES,
-    DetectedObject, Evaluator, SceneNet,
+    COLOUR_NAMES,
+    CONFIG_FORMAT,
+    DEFAULT_CHANNELS,
+    DEFAULT_WEIGHTS,
+    MIN_AREA,
+    SHAPE_NAMES,
+    SIZE_NAMES,
+    DetectedObject,
+    Evaluator,
+    SceneNet,
 )
 
 POSITION_TOLERANCE = 4.0  # pixels, for evaluator_accuracy

@@ -32,11 +32,25 @@ from tqdm.auto import tqdm
 
 from .errors import BadInput
 from .settings import (
-    EvalSettings, check_compatible, check_settings, load_model, load_prompts, merged_meta, negative_prompt_for,
-    option_message, run_meta,
+    EvalSettings,
+    check_compatible,
+    check_settings,
+    load_model,
+    load_prompts,
+    merged_meta,
+    negative_prompt_for,
+    option_message,
+    run_meta,
 )
 from .storage import (
-    JOBS_DIR, RUN_FILE, TIMING_FIELD, atomic_write_text, clean_stale_temp_files, folder_lock, read_json, save_png,
+    JOBS_DIR,
+    RUN_FILE,
+    TIMING_FIELD,
+    atomic_write_text,
+    clean_stale_temp_files,
+    folder_lock,
+    read_json,
+    save_png,
 )
 from .summary import report
 from .sweep import Job, build_jobs, shard, work_units

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .. import attention
 from ..builtin import data
+from ..engine import default_levels, segment_records
 from ..guidance import SCFGOptions
-from ..engine import _segment, default_levels
 from .storage import atomic_write_text
 
 
@@ -68,7 +68,7 @@ def segmentation_miou(
     opts = SCFGOptions(mode=mode, levels=levels)
     unet = pipe.unet
     levels = opts.levels or default_levels(pipe)
-    factors = {l.name: l.factor for l in attention.list_layers(unet)}
+    factors = {lay.name: lay.factor for lay in attention.list_layers(unet)}
     pairs = attention.scfg_layers(unet, levels)
     seg_pairs = [(s, c, factors[c]) for s, c in pairs]
     scenes = data.scenes(seed, n_images, "heldout")
@@ -89,7 +89,7 @@ def segmentation_miou(
             taps.record_branches = sources
             taps.records.clear()
             unet(torch.cat([noisy, noisy]).to(unet.dtype), timestep, encoder_hidden_states=torch.cat([uncond, cond]))
-            seg = _segment(taps, sources, seg_pairs, noisy.shape[-2:], opts)
+            seg = segment_records(taps, sources, seg_pairs, noisy.shape[-2:], opts)
             labels = F.interpolate(seg.labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long().cpu().numpy()
             _score_batch(chunk, labels, image_mious, object_ious, background_ious, per_word)
     return SegCheckResult(

@@ -28,9 +28,9 @@ def model_info(pipe) -> ModelInfo:
     from ..pipelines import recommended_settings
 
     layers = attention.list_layers(pipe.unet)
-    self_layers = tuple(l.name for l in layers if not l.is_cross)
+    self_layers = tuple(lay.name for lay in layers if not lay.is_cross)
     defaults = tuple(n for n in self_layers if n.split(".")[0] in {"mid_block", *DEFAULT_PAG_LAYERS}) or self_layers[:1]
-    levels = tuple(sorted({l.factor for l in layers if l.is_cross}))
+    levels = tuple(sorted({lay.factor for lay in layers if lay.is_cross}))
     try:
         chosen = tuple(default_levels(pipe))
     except ValueError:  # no cross-attention: S-CFG cannot run on this model; the engine says so if asked

@@ -128,7 +128,7 @@ def parse_request(bounds: Bounds, *, prompt, negative_prompt, seeds, steps, heig
     if any(REGISTRY[m].pag for m in methods):
         if not layers:
             raise ValueError("choose at least one PAG layer for the PAG methods")
-        bad = [l for l in layers if l not in allowed_layers]
+        bad = [lay for lay in layers if lay not in allowed_layers]
         if bad:
             raise ValueError(f"PAG layers {bad} are not self-attention layers of this model")
     if scfg_mode not in SCFG_MODES:
