@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from attnguide.evaluation import bench  # noqa: E402
+from attnguide.evaluation import bench, bench_models, bench_peers  # noqa: E402
 
 T0 = time.monotonic()
 PLAN = [("sd15", 512, 1), ("sd15", 512, 4), ("sdxl", 1024, 1), ("sd15", 1024, 1), ("sdxl", 1024, 4),
@@ -78,7 +78,7 @@ def _modular_runner(pipe, settings, device):
     from diffusers.hooks import LayerSkipConfig
     from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
-    if not bench._is_sdxl(pipe):
+    if not bench_peers.is_sdxl(pipe):
         raise RuntimeError("the modular PAG guider is run on SDXL only (diffusers' modular SD 1.5 blocks do not exist)")
     blocks = StableDiffusionXLAutoBlocks()
     modular = blocks.init_pipeline()
@@ -105,16 +105,16 @@ def _tiny_sdxl(device: str, dtype: str):
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    tokenizer = bench._sd_tokenizer(24)
+    tokenizer = bench_models.sd_tokenizer(24)
     unet = UNet2DConditionModel(**dict(bench.UNET_CONFIGS["tiny"], cross_attention_dim=64, addition_embed_type="text_time",
                                        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)).eval()
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
                         mid_block_add_attention=False).eval()
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=bench._clip_text(len(tokenizer), 32, 2, 2, 64, 24),
-        text_encoder_2=bench._clip_text(len(tokenizer), 32, 2, 2, 64, 24, projection=32), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, scheduler=bench._scheduler(), force_zeros_for_empty_prompt=True)
+        unet=unet, vae=vae, text_encoder=bench_models.clip_text(len(tokenizer), 32, 2, 2, 64, 24),
+        text_encoder_2=bench_models.clip_text(len(tokenizer), 32, 2, 2, 64, 24, projection=32), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=bench_models.make_scheduler(), force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, getattr(torch, dtype))
 
