@@ -36,7 +36,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from diffusers.models.attention_processor import Attention
 
     return {name: m for name, m in unwrap(unet).named_modules() if isinstance(m, Attention)}
@@ -61,7 +61,7 @@ def list_layers(unet: torch.nn.Module) -> list[LayerInfo]:
         return transformer_attention.list_layers(unet)
     num_down = len(getattr(unet, "down_blocks", []))
     layers = []
-    for name, module in _attention_modules(unet).items():
+    for name, module in attention_modules(unet).items():
         # diffusers' own flag (also what its PAG pipelines use): AnimateDiff's motion modules have
         # an "attn2" that is self-attention (double_self_attention), so the name alone misleads.
         flag = getattr(module, "is_cross_attention", None)
@@ -266,7 +266,7 @@ class GuidanceAttnProcessor:
         finally:
             self.capturing = False
         captured, self.captured = self.captured, {"q": [], "k": []}
-        self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured)
+        self.record_maps(attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured)
         return out
 
     def _attend(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
@@ -287,7 +287,7 @@ class GuidanceAttnProcessor:
         parts.append(identity_attention(attn, hidden_states[ptb], _rows_of(temb, ptb, batch)))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured=None) -> None:
+    def record_maps(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, captured=None) -> None:
         """Keep q/k (self) or head-averaged probabilities (cross) of the recorded rows: the layer's own
         projections (``captured`` from its processor's call), else computed as its processor computes them."""
         batch = hidden_states.shape[0]
@@ -357,7 +357,7 @@ def attention_taps(
     record: (self, cross) layer pairs whose maps S-CFG reads.
     """
     state = state or TapState()
-    modules = _attention_modules(unet)
+    modules = attention_modules(unet)
     plan: dict[str, dict] = {}
     for name in perturb:
         plan.setdefault(name, {})["perturb"] = True

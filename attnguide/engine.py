@@ -276,7 +276,7 @@ class _Engine:
                            if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
                        for k, v in inputs.items()}
         want_masks = self.return_masks and (self.mask_steps is None or step in self.mask_steps)
-        sources = _mask_sources(plan, config, want_masks)
+        sources = mask_sources(plan, config, want_masks)
         self.taps.branches = plan.branches
         self.taps.record_branches = sources
         self.taps.records.clear()
@@ -340,7 +340,7 @@ def _rows_as_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
-def _mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:
+def mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:
     """Branches whose attention the segmentation reads this step (none if nothing needs masks)."""
     if not (plan.scfg or want_masks):
         return ()
@@ -382,7 +382,7 @@ def _read_call_locals(engine: _Engine, frame) -> None:
 
 
 @contextlib.contextmanager
-def _instance_patch(obj, name: str, value) -> Iterator[None]:
+def instance_patch(obj, name: str, value) -> Iterator[None]:
     """Set ``obj.name`` on the instance for the block; afterwards the attribute is as before."""
     had = name in vars(obj)
     old = vars(obj).get(name)
@@ -470,8 +470,8 @@ def guide(
     with contextlib.ExitStack() as stack:
         taps = tx.transformer_taps if engine.transformer else attention.attention_taps
         engine.taps = stack.enter_context(taps(unet, perturb=engine.perturb, record=engine.pairs))
-        stack.enter_context(_instance_patch(unet, "forward", guided_forward))
-        stack.enter_context(_instance_patch(pipe, "progress_bar", progress_bar))
+        stack.enter_context(instance_patch(unet, "forward", guided_forward))
+        stack.enter_context(instance_patch(pipe, "progress_bar", progress_bar))
         if encode_prompt is not None:
-            stack.enter_context(_instance_patch(pipe, "encode_prompt", capture_prompt))
+            stack.enter_context(instance_patch(pipe, "encode_prompt", capture_prompt))
         yield engine.run

@@ -125,7 +125,7 @@ def no_decode(vae) -> None:
     1536 px x 4 images it would cost memory and minutes for nothing measured here."""
     from diffusers.models.autoencoders.vae import DecoderOutput
 
-    from attnguide.engine import _instance_patch
+    from attnguide.engine import instance_patch
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -133,7 +133,7 @@ def no_decode(vae) -> None:
         image = torch.zeros(z.shape[0], 3, z.shape[2] * factor, z.shape[3] * factor, device=z.device, dtype=z.dtype)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    with _instance_patch(vae, "decode", decode):
+    with instance_patch(vae, "decode", decode):
         yield
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import sd_components
 
 from attnguide import attention
-from attnguide.engine import _instance_patch, guide
+from attnguide.engine import guide, instance_patch
 from attnguide.evaluation import bench
 from attnguide.guidance import METHODS, REGISTRY
 
@@ -61,7 +61,7 @@ def test_cost_model_counts_what_the_engine_runs():
                 return forward(*args, **kwargs)
 
         w = 1.0 if method == "pag" else 7.5
-        with counter.active(), _instance_patch(pipe.unet, "forward", counted), guide(pipe, method, pag_scale=2.0):
+        with counter.active(), instance_patch(pipe.unet, "forward", counted), guide(pipe, method, pag_scale=2.0):
             pipe("a red circle", num_inference_steps=1, guidance_scale=w, height=32, width=32, output_type="pt")
         model = bench.count_step(pipe.unet, method, LATENT, TOKENS)
         for phase in ("unet", "identity", "record"):

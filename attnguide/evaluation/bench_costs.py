@@ -91,7 +91,7 @@ class CostCounter:
                 return func(*args, **(kwargs or {}))
 
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        record = attention.GuidanceAttnProcessor._record
+        record = attention.GuidanceAttnProcessor.record_maps
         identity = attention.identity_attention
 
         def counted_sdpa(*args, **kwargs):
@@ -107,14 +107,14 @@ class CostCounter:
                 return identity(*args, **kwargs)
 
         torch.nn.functional.scaled_dot_product_attention = counted_sdpa
-        attention.GuidanceAttnProcessor._record = counted_record
+        attention.GuidanceAttnProcessor.record_maps = counted_record
         attention.identity_attention = counted_identity
         try:
             with _Ops():
                 yield self
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
-            attention.GuidanceAttnProcessor._record = record
+            attention.GuidanceAttnProcessor.record_maps = record
             attention.identity_attention = identity
 
     def op_summary(self, phases: Sequence[str]) -> dict[str, int]:
@@ -154,7 +154,7 @@ def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, ba
     segmentation, rate and combine; ``engine._Engine.forward`` without the pipeline around it), on
     ``unet``'s device: ``meta`` for FLOPs at any size in seconds, a real device for the kernels."""
     from attnguide import attention, segmentation
-    from attnguide.engine import _mask_sources, segment_records
+    from attnguide.engine import mask_sources, segment_records
     from attnguide.guidance import GuidanceConfig, SCFGOptions, combine, plan_step
 
     config = GuidanceConfig(method=method, guidance_scale=guidance_scale, pag_scale=pag_scale,
@@ -165,7 +165,7 @@ def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, ba
     factors = {lay.name: lay.factor for lay in attention.list_layers(unet)}
     seg_pairs = [(s, c, factors[c]) for s, c in pairs]
     inputs = _step_inputs(unet, batch * len(plan.branches), latent_hw, tokens)
-    sources = _mask_sources(plan, config, False)
+    sources = mask_sources(plan, config, False)
     counter = CostCounter()
     with torch.no_grad(), attention.attention_taps(unet, perturb=perturb, record=pairs) as taps, counter.active():
         taps.branches, taps.record_branches = plan.branches, sources

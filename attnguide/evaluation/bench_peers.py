@@ -82,7 +82,7 @@ def unfused_attention(unet: torch.nn.Module, store: AttentionMapStore | None = N
     from attnguide import attention
 
     store = store if store is not None else AttentionMapStore()
-    modules = attention._attention_modules(unet)
+    modules = attention.attention_modules(unet)
     factors = {layer.name: layer.factor for layer in attention.list_layers(unet)}
     originals = {name: module.get_processor() for name, module in modules.items()}
     try:
