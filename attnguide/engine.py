@@ -35,6 +35,7 @@ import torch
 from . import attention, segmentation
 from . import transformer_attention as tx
 from .guidance import GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
+from .rows import frames_as_rows, map_rows, rows_as_frames
 
 DEFAULT_PAG_LAYERS = ("mid",)
 
@@ -96,28 +97,6 @@ def _check_pipe(pipe) -> None:
             f"pipe {type(pipe).__name__} has no do_classifier_free_guidance, so the engine cannot tell which "
             "rows of its batch are unconditional"
         )
-
-
-def _map_rows(value: Any, index: torch.Tensor, batch: int, frames: int = 1) -> Any:
-    """Take rows ``index`` of every tensor whose leading dimension is the pipeline's batch,
-    inside lists, tuples and dicts too (ControlNet residuals, added_cond_kwargs, IP-Adapter embeds).
-
-    For a video U-Net (``frames`` > 1) a tensor with ``batch * frames`` rows is per frame, video-major
-    (AnimateDiff's ``encoder_hidden_states`` are repeat-interleaved per frame by the pipeline): the
-    rows of every frame of the chosen videos are taken."""
-    if torch.is_tensor(value):
-        if value.ndim > 0 and value.shape[0] == batch:
-            return value.index_select(0, index.to(value.device))
-        if frames > 1 and value.ndim > 0 and value.shape[0] == batch * frames:
-            per_frame = (index[:, None] * frames + torch.arange(frames)).reshape(-1)
-            return value.index_select(0, per_frame.to(value.device))
-        return value
-    if isinstance(value, dict):
-        return {k: _map_rows(v, index, batch, frames) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        mapped = [_map_rows(v, index, batch, frames) for v in value]
-        return type(value)(mapped) if isinstance(value, list) or type(value) is tuple else mapped
-    return value
 
 
 def _prompt_tokens(pipe, prompts: list[str] | None, images: int) -> list[list[str]]:
@@ -272,7 +251,7 @@ class _Engine:
         ])
         return_dict = inputs.pop("return_dict", True)
         frames_in = sample.shape[2] if sample.ndim == 5 else 1
-        call_inputs = {k: (_map_rows(v, rows, batch, frames_in)
+        call_inputs = {k: (map_rows(v, rows, batch, frames_in)
                            if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
                        for k, v in inputs.items()}
         want_masks = self.return_masks and (self.mask_steps is None or step in self.mask_steps)
@@ -282,7 +261,7 @@ class _Engine:
         self.taps.records.clear()
         noise = original(**call_inputs, return_dict=False)[0]
         frames = noise.shape[2] if noise.ndim == 5 else 0
-        predictions = dict(zip(plan.branches, _frames_as_rows(noise).chunk(len(plan.branches))))
+        predictions = dict(zip(plan.branches, frames_as_rows(noise).chunk(len(plan.branches))))
         seg = rate = None
         if sources:
             seg = segment_records(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
@@ -299,8 +278,8 @@ class _Engine:
 
             raise non_finite_error(step, total, sample, predictions, config)
         if frames:
-            guided = _rows_as_frames(guided, frames)
-            predictions = {b: _rows_as_frames(p, frames) for b, p in predictions.items()}
+            guided = rows_as_frames(guided, frames)
+            predictions = {b: rows_as_frames(p, frames) for b, p in predictions.items()}
         rows_per_branch = chunk * max(frames, 1)  # masks are per image, or per frame of a video
         self._record(step, inputs.get("timestep"), plan, predictions, guided, seg, rate, rows_per_branch, want_masks)
         out = torch.cat([guided] * len(layout)) if len(layout) > 1 else guided
@@ -324,20 +303,6 @@ class _Engine:
             self.run.masks.steps[step] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
         if self.callback is not None:
             self.callback(StepInfo(step, timestep, plan, predictions, guided, seg, rate))
-
-
-def _frames_as_rows(x: torch.Tensor) -> torch.Tensor:
-    """Video predictions (B, C, F, H, W) -> (B·F, C, H, W), rows in the order the U-Net's spatial
-    attention sees them (video-major), so S-CFG segments and guides every frame on its own."""
-    if x.ndim != 5:
-        return x
-    b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-
-
-def _rows_as_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    bf, c, h, w = x.shape
-    return x.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 def mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:

@@ -55,4 +55,4 @@ def test_compiled_unet_same_layers_same_images_no_recompiles():
     finally:
         pipe.unet = unet
         torch._dynamo.reset()
-    assert all(type(m.processor).__name__ != "GuidanceAttnProcessor" for m in attention._attention_modules(unet).values())
+    assert all(type(m.processor).__name__ != "GuidanceAttnProcessor" for m in attention.attention_modules(unet).values())

@@ -190,3 +190,13 @@ def test_gpu_training_script_dry_run(tmp_path):
         tar.extractall(tmp_path / "back", filter="data")
     assert (tmp_path / "back" / "model" / "model_index.json").is_file()
     assert (out / "log.jsonl").stat().st_size > 0
+
+
+def test_region_masks_resolve_touching_objects():
+    """Two objects whose masks overlap: the pixel goes to the one drawn last, and the background stays >= 0."""
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[0, :8, :8] = True
+    masks[1, 4:12, 4:12] = True
+    regions = region_masks([masks], 16)[0]
+    assert regions.min() >= 0 and np.allclose(regions.sum(axis=0), 1.0)
+    assert regions[1, 1, 1] == 0.0 and regions[2, 1, 1] == 1.0  # cell (4..7, 4..7) is under the second object

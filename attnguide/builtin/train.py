@@ -227,6 +227,11 @@ def region_masks(object_masks: list[np.ndarray], size: int) -> np.ndarray:
     size×size grid (they sum to 1)."""
     out = np.zeros((len(object_masks), 1 + MAX_OBJECTS, size, size), dtype=np.float32)
     for i, masks in enumerate(object_masks):
+        # Shapes may touch (a square's corners reach past its radius): a pixel belongs to the object
+        # drawn last over it, as in the rendered image, so the regions never overlap.
+        masks = masks.copy()
+        for k in range(len(masks) - 2, -1, -1):
+            masks[k] &= ~masks[k + 1 :].any(axis=0)
         cell = masks.shape[-1] // size
         fractions = masks.reshape(len(masks), size, cell, size, cell).mean(axis=(2, 4))
         out[i, 1 : 1 + len(masks)] = fractions
