@@ -255,7 +255,7 @@ class _Engine:
                            if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
                        for k, v in inputs.items()}
         want_masks = self.return_masks and (self.mask_steps is None or step in self.mask_steps)
-        sources = mask_sources(plan, config, want_masks)
+        sources = segmentation.mask_sources(plan, config, want_masks)
         self.taps.branches = plan.branches
         self.taps.record_branches = sources
         self.taps.records.clear()
@@ -264,7 +264,7 @@ class _Engine:
         predictions = dict(zip(plan.branches, frames_as_rows(noise).chunk(len(plan.branches))))
         seg = rate = None
         if sources:
-            seg = segment_records(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
+            seg = segmentation.segment_records(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
         if plan.scfg:
             opts = config.scfg
             eps = slice(None, self.eps_channels)  # learned-sigma transformers: ε channels only
@@ -303,28 +303,6 @@ class _Engine:
             self.run.masks.steps[step] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
         if self.callback is not None:
             self.callback(StepInfo(step, timestep, plan, predictions, guided, seg, rate))
-
-
-def mask_sources(plan: StepPlan, config: GuidanceConfig, want_masks: bool) -> tuple[str, ...]:
-    """Branches whose attention the segmentation reads this step (none if nothing needs masks)."""
-    if not (plan.scfg or want_masks):
-        return ()
-    if config.scfg.mode == "reference" and "uncond" in plan.branches:
-        return ("uncond", "cond")  # tokens from the conditional half, foreground from the unconditional
-    return ("cond",)
-
-
-def segment_records(taps, sources, pairs, latent_hw, opts: SCFGOptions) -> segmentation.Segmentation:
-    """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
-    first = next(iter(taps.records.values()))
-    rows = first.query.shape[0] if isinstance(first, attention.SelfRecord) else first.shape[0]
-    chunk = rows // len(sources)
-    start = sources.index("cond") * chunk
-    cond = slice(start, start + chunk)
-    fore = slice(0, chunk) if "uncond" in sources else cond
-    return segmentation.segment(
-        taps.records, pairs, tuple(latent_hw), opts.mode, opts.power, opts.smoothing, token_rows=cond, foreground_rows=fore
-    )
 
 
 def _read_call_locals(engine: _Engine, frame) -> None:

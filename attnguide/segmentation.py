@@ -283,6 +283,28 @@ def scfg_rate(
     return smooth(rate) if smoothing else rate
 
 
+def mask_sources(plan, config, want_masks: bool) -> tuple[str, ...]:
+    """Branches whose attention the segmentation reads this step (none if nothing needs masks)."""
+    if not (plan.scfg or want_masks):
+        return ()
+    if config.scfg.mode == "reference" and "uncond" in plan.branches:
+        return ("uncond", "cond")  # tokens from the conditional half, foreground from the unconditional
+    return ("cond",)
+
+
+def segment_records(taps, sources, pairs, latent_hw, opts) -> Segmentation:
+    """Segment from the taps' records; rows are ordered as ``sources`` (uncond before cond)."""
+    first = next(iter(taps.records.values()))
+    rows = first.query.shape[0] if isinstance(first, SelfRecord) else first.shape[0]
+    chunk = rows // len(sources)
+    start = sources.index("cond") * chunk
+    cond = slice(start, start + chunk)
+    fore = slice(0, chunk) if "uncond" in sources else cond
+    return segment(
+        taps.records, pairs, tuple(latent_hw), opts.mode, opts.power, opts.smoothing, token_rows=cond, foreground_rows=fore
+    )
+
+
 @dataclass
 class MaskSet:
     """Segmentation masks of a sampling run, for looking at and for evaluation.

@@ -154,8 +154,8 @@ def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, ba
     segmentation, rate and combine; ``engine._Engine.forward`` without the pipeline around it), on
     ``unet``'s device: ``meta`` for FLOPs at any size in seconds, a real device for the kernels."""
     from attnguide import attention, segmentation
-    from attnguide.engine import mask_sources, segment_records
     from attnguide.guidance import GuidanceConfig, SCFGOptions, combine, plan_step
+    from attnguide.segmentation import mask_sources, segment_records
 
     config = GuidanceConfig(method=method, guidance_scale=guidance_scale, pag_scale=pag_scale,
                             scfg=SCFGOptions(levels=tuple(levels) if levels else None))

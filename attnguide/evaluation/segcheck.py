@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from .. import attention
 from ..builtin import data
-from ..engine import default_levels, segment_records
+from ..engine import default_levels
 from ..guidance import SCFGOptions
+from ..segmentation import segment_records
 from .storage import atomic_write_text
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from attnguide.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from attnguide.evaluation.bench import METHOD_NAMES, PEER_NAMES
 
 
 def test_gpu_bench_dry_run(tmp_path):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OUT=str(tmp_path / "out"))
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
                           env=env, timeout=300)

@@ -24,7 +24,7 @@ from attnguide.evaluation.settings import EvalSettings
 from attnguide.evaluation.sweep import Config, parse_configs
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [Config("cfg", 3.0), Config("scfg+pag", 3.0, 1.5)]
 
 

@@ -43,7 +43,7 @@ def test_segment_bench_smoke(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     copy = tmp_path / "segmentation_copy.py"
     copy.write_text((root / "attnguide" / "segmentation.py").read_text())
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "segment_bench.py"), "--model", "tiny",

@@ -177,7 +177,7 @@ def test_gpu_training_script_dry_run(tmp_path):
     import tarfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(root / "scripts" / "train_gpu.sh")], capture_output=True, text=True, env=env, timeout=600)

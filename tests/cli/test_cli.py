@@ -40,3 +40,18 @@ def test_layers_lists_self_attention(model_dir):
 def test_help_has_examples():
     result = CliRunner().invoke(main, ["generate", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output and "attnguide generate --prompt" in result.output
+
+
+def test_every_lazy_command_resolves():
+    """A renamed module must fail here, not silently drop its command from `attnguide --help`."""
+    import importlib
+
+    import click
+
+    from attnguide.cli.app import LAZY_COMMANDS
+
+    for module, attr in LAZY_COMMANDS:
+        assert isinstance(getattr(importlib.import_module(module), attr), click.Command), (module, attr)
+    names = CliRunner().invoke(main, ["--help"]).output
+    for command in ("generate", "layers", "train", "eval", "bench", "segcheck", "evaluator", "ui"):
+        assert f"  {command} " in names or f"  {command}\n" in names, command

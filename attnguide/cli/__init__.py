@@ -1,0 +1,5 @@
+"""The ``attnguide`` command line: ``attnguide --help`` lists the commands."""
+from . import generate, model  # noqa: F401  (registers the commands on the group)
+from .app import InputError, RunFailure, main
+
+__all__ = ["main", "InputError", "RunFailure"]

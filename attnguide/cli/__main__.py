@@ -1,0 +1,4 @@
+"""``python -m attnguide.cli``."""
+from . import main
+
+main()
