@@ -106,11 +106,22 @@ def select_self_attention(unet: torch.nn.Module, patterns: str | list[str] | tup
         raise ValueError("pag_layers: this U-Net has no self-attention layers, so PAG cannot be applied")
     if not patterns:
         raise ValueError(f"pag_layers must name at least one layer; valid names: {', '.join(self_layers)}")
+    return select_by_patterns(patterns, self_layers, cross_layers, _checked_expand)
+
+
+def _checked_expand(pattern) -> list[str]:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"pag_layers entries must be non-empty strings, got {pattern!r}")
+    return _expand(pattern)
+
+
+def select_by_patterns(patterns: list, self_layers: list[str], cross_layers: list[str], expand) -> list[str]:
+    """The self-attention layers the patterns select (``expand`` turns a pattern into name
+    components); a pattern that selects nothing, or only cross-attention, raises an error listing
+    the valid names. Shared by U-Nets and transformers."""
     selected: list[str] = []
     for pattern in patterns:
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ValueError(f"pag_layers entries must be non-empty strings, got {pattern!r}")
-        parts = _expand(pattern)
+        parts = expand(pattern)
         hits = [n for n in self_layers if components_match(parts, n.split("."))]
         cross_hits = [n for n in cross_layers if components_match(parts, n.split("."))]
         if cross_hits and not hits:

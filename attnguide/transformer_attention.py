@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, SelfRecord, TapState, components_match, identity_attention, take_rows, unwrap
+from .attention import LayerInfo, SelfRecord, TapState, identity_attention, select_by_patterns, take_rows, unwrap
 
 BLOCK_LISTS = ("transformer_blocks", "blocks", "single_transformer_blocks")
 PERTURBABLE = ("self", "joint", "single")
@@ -136,20 +136,7 @@ def select_self_attention(model: torch.nn.Module, patterns) -> list[str]:
         raise ValueError("pag_layers: this transformer has no self-attention layers, so PAG cannot be applied")
     if not patterns:
         raise ValueError(f"pag_layers must name at least one layer; valid names: {', '.join(self_layers)}")
-    selected: list[str] = []
-    for pattern in patterns:
-        parts = _expand(model, pattern)
-        hits = [n for n in self_layers if components_match(parts, n.split("."))]
-        cross_hits = [n for n in cross_layers if components_match(parts, n.split("."))]
-        if cross_hits and not hits:
-            raise ValueError(
-                f"pag_layers pattern {pattern!r} selects cross-attention layers ({', '.join(cross_hits[:4])}); "
-                f"PAG perturbs self-attention only. Valid self-attention layers: {', '.join(self_layers)}"
-            )
-        if not hits:
-            raise ValueError(f"pag_layers pattern {pattern!r} matches no self-attention layer. Valid names: {', '.join(self_layers)}")
-        selected.extend(h for h in hits if h not in selected)
-    return selected
+    return select_by_patterns(patterns, self_layers, cross_layers, lambda pattern: _expand(model, pattern))
 
 
 def scfg_layers(model: torch.nn.Module, count: int = 4) -> list[tuple[str, str]]:
