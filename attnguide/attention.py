@@ -390,8 +390,13 @@ def attention_taps(
                         handles.append(linear.register_forward_hook(tap.capture_hook(key)))
         yield state
     finally:
-        for handle in handles:
-            handle.remove()
-        for name, processor in originals.items():
-            modules[name].set_processor(processor)
-        state.records.clear()
+        restore_taps(handles, modules, originals, state)
+
+
+def restore_taps(handles: list, modules: dict[str, torch.nn.Module], originals: dict[str, object], state: TapState) -> None:
+    """Remove the hooks, put every layer's own processor back and drop what was recorded."""
+    for handle in handles:
+        handle.remove()
+    for name, processor in originals.items():
+        modules[name].set_processor(processor)
+    state.records.clear()

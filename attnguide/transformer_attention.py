@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .attention import LayerInfo, SelfRecord, TapState, identity_attention, select_by_patterns, take_rows, unwrap
+from .attention import LayerInfo, SelfRecord, TapState, identity_attention, restore_taps, select_by_patterns, take_rows, unwrap
 
 BLOCK_LISTS = ("transformer_blocks", "blocks", "single_transformer_blocks")
 PERTURBABLE = ("self", "joint", "single")
@@ -411,8 +411,4 @@ def transformer_taps(model: torch.nn.Module, perturb=(), record=(), state: TapSt
             modules[name].set_processor(TransformerTap(name, state, originals[name], kinds[name], **options))
         yield state
     finally:
-        for handle in handles:
-            handle.remove()
-        for name, processor in originals.items():
-            modules[name].set_processor(processor)
-        state.records.clear()
+        restore_taps(handles, modules, originals, state)
