@@ -211,3 +211,19 @@ def sdxl_components(unet=None) -> dict:
         tokenizer_2=tokenizer,
         scheduler=scheduler(),
     )
+
+
+def pipeline_from(class_name: str, components: dict, **extra):
+    """diffusers' pipeline ``class_name`` built from the components it takes (skips the test when
+    this diffusers version lacks the class), progress bar off."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        pytest.skip(f"diffusers {diffusers.__version__} has no {class_name}")
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in components.items() if k in accepted}, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,17 +8,16 @@ restoration after an exception, and clear errors before any denoising.
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 from conftest import (
     IP_EMBED_DIM,
     load_tiny_ip_adapter,
+    pipeline_from,
     sd_components,
     sdxl_components,
     tiny_controlnet,
@@ -160,22 +159,14 @@ def _components(name: str) -> dict:
     return BY_NAME[name].build()
 
 
-def _pipeline(class_name: str, components: dict, **extra):
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        pytest.skip(f"diffusers {diffusers.__version__} has no {class_name}")
-    accepted = inspect.signature(cls.__init__).parameters
-    pipe = cls(**{k: v for k, v in components.items() if k in accepted}, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def plain(workflow: Workflow):
-    return _pipeline(workflow.plain, _components(workflow.name))
+    return pipeline_from(workflow.plain, _components(workflow.name))
 
 
 def peer(workflow: Workflow):
-    return _pipeline(workflow.peer, _components(workflow.name), pag_applied_layers=["mid"])
+    return pipeline_from(workflow.peer, _components(workflow.name), pag_applied_layers=["mid"])
 
 
 def call(pipe, workflow: Workflow, w: float, seed: int = 0, prompt: str = PROMPT, **kw) -> np.ndarray:
@@ -209,7 +200,7 @@ def ids(workflows):
 
 @pytest.mark.parametrize("method,w", [("pag", 1.0), ("cfg+pag", 5.0)])
 @pytest.mark.parametrize("workflow", WITH_PEER, ids=ids(WITH_PEER))
-def test_equals_diffusers_pag_pipeline(workflow, method, w):
+def test_equals_diffusers_pagpipeline_from(workflow, method, w):
     pipe = plain(workflow)
     gaps = []  # |ε_c − ε_p|: the perturbation really acts (PAG is not a no-op here)
     with guide(pipe, method, pag_scale=PAG_SCALE, pag_layers="mid",
@@ -225,7 +216,7 @@ def test_equals_diffusers_pag_pipeline(workflow, method, w):
 
 
 @pytest.mark.parametrize("workflow", ALL, ids=ids(ALL))
-def test_cfg_equals_the_plain_pipeline(workflow):
+def test_cfg_equals_the_plainpipeline_from(workflow):
     pipe = plain(workflow)
     reference = call(pipe, workflow, 5.0, seed=4)
     with guide(pipe, "cfg") as run:
@@ -238,7 +229,7 @@ def test_cfg_equals_the_plain_pipeline(workflow):
 
 
 @pytest.mark.parametrize("workflow", WITHOUT_PEER, ids=ids(WITHOUT_PEER))
-def test_noop_guidance_equals_the_plain_pipeline(workflow):
+def test_noop_guidance_equals_the_plainpipeline_from(workflow):
     pipe = plain(workflow)
     reference = call(pipe, workflow, 5.0, seed=5)
     with guide(pipe, "cfg+pag", pag_scale=0.0):
@@ -360,7 +351,7 @@ def _raise_in_pipeline_callback(pipe, step, timestep, tensors):
 def test_restored_after_an_exception(ip_adapter, method, where):
     workflow = BY_NAME["sd-ip-adapter" if ip_adapter else "sd-controlnet"]
     components = workflow.build()  # fresh: this test must not leak into the cached components
-    pipe = _pipeline(workflow.plain, components)
+    pipe = pipeline_from(workflow.plain, components)
     unet = pipe.unet
     before = call(pipe, workflow, 5.0, seed=11)
     processors = dict(unet.attn_processors)

@@ -9,14 +9,13 @@ Everything is built from configs with the project's offline word tokenizer; late
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import pipeline_from
 
 from attnguide import attention
 from attnguide import transformer_attention as tx
@@ -226,22 +225,14 @@ def _components(name: str) -> dict:
     return BY_NAME[name].build()
 
 
-def _pipeline(class_name: str, components: dict, **extra):
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        pytest.skip(f"diffusers {diffusers.__version__} has no {class_name}")
-    accepted = inspect.signature(cls.__init__).parameters
-    pipe = cls(**{k: v for k, v in components.items() if k in accepted}, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def plain(family: Family):
-    return _pipeline(family.plain, _components(family.name))
+    return pipeline_from(family.plain, _components(family.name))
 
 
 def peer(family: Family):
-    return _pipeline(family.peer, _components(family.name), pag_applied_layers=[family.peer_layers])
+    return pipeline_from(family.peer, _components(family.name), pag_applied_layers=[family.peer_layers])
 
 
 def call(pipe, family: Family, w: float, seed: int = 0, **kw) -> np.ndarray:
@@ -256,7 +247,7 @@ def call(pipe, family: Family, w: float, seed: int = 0, **kw) -> np.ndarray:
 
 @pytest.mark.parametrize("method,w", [("pag", 1.0), ("cfg+pag", 5.0)])
 @pytest.mark.parametrize("family", WITH_PEER, ids=ids(WITH_PEER))
-def test_equals_diffusers_pag_pipeline(family, method, w):
+def test_equals_diffusers_pagpipeline_from(family, method, w):
     if family.name == "hunyuan-dit" and method == "pag":
         pytest.skip("diffusers' HunyuanDiTPAGPipeline fails without CFG: it repeats its time ids and style 3x for a 2x batch")
     pipe = plain(family)
@@ -274,7 +265,7 @@ def test_equals_diffusers_pag_pipeline(family, method, w):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=ids(FAMILIES))
-def test_pag_scale_zero_equals_the_plain_pipeline(family):
+def test_pag_scale_zero_equals_the_plainpipeline_from(family):
     pipe = plain(family)
     method, w = ("pag", 3.5) if family.name == "flux" else ("cfg+pag", 5.0)
     reference = call(pipe, family, w, seed=5)
@@ -440,7 +431,7 @@ def _boom(info):
 ])
 def test_restored_after_an_exception(name, method, layers):
     family = BY_NAME[name]
-    pipe = _pipeline(family.plain, family.build())  # fresh: must not leak into the cached components
+    pipe = pipeline_from(family.plain, family.build())  # fresh: must not leak into the cached components
     model = pipe.transformer
     w = 3.5 if name == "flux" else 5.0
     before = call(pipe, family, w, seed=11)
