@@ -21,6 +21,7 @@ _EXPORTS = {
     "guide": "engine", "GuideRun": "engine",
     "Limits": "validation", "NonFiniteError": "validation",
     "load_pipeline": "pipelines", "builtin_model_path": "pipelines", "ModelLoadError": "pipelines",
+    "recommended_settings": "pipelines",
     "PatchAutoencoder": "builtin.autoencoder",
 }
 _SUBMODULES = ("attention", "builtin", "cli", "engine", "evaluation", "guidance", "pipelines", "report", "sampling",

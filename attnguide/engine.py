@@ -342,9 +342,9 @@ def instance_patch(obj, name: str, value) -> Iterator[None]:
 @contextlib.contextmanager
 def guide(
     pipe,
-    method: str = "scfg+pag",
+    method: str | None = None,
     *,
-    pag_scale: float = 3.0,
+    pag_scale: float | None = None,
     pag_layers: str | Sequence[str] = DEFAULT_PAG_LAYERS,
     cfg_window: tuple[float, float] = (0.0, 1.0),
     pag_window: tuple[float, float] = (0.0, 1.0),
@@ -364,8 +364,9 @@ def guide(
     ``none`` and ``pag`` need it ≤ 1 (a clear error at the first U-Net call, before any denoising).
 
     Args:
-        method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``.
-        pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
+        method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``; None: the model's recommendation,
+            else the library default (``attnguide.recommended_settings``).
+        pag_scale: s of PAG (None: as ``method``). pag_layers: self-attention layers PAG perturbs (names or component
             patterns, ``attnguide layers`` lists them); default the mid block.
         cfg_window / pag_window: fractions [start, stop) of the steps where each term is active;
             outside, its branch is not computed.
@@ -380,8 +381,11 @@ def guide(
             image = pipe("a cat on a sofa", image=init, strength=0.6, guidance_scale=7.5).images[0]
         run.masks.render(0, image).save("masks.png")
     """
+    from .pipelines import resolve_settings
     from .validation import check_guide_arguments
 
+    settings = resolve_settings(pipe, method=method, pag_scale=pag_scale)
+    method, pag_scale = settings["method"], settings["pag_scale"]
     (method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
      callback) = check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
                                        scfg, return_masks, mask_steps, callback, DEFAULT_PAG_LAYERS)

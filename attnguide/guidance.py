@@ -109,6 +109,13 @@ class SCFGOptions:
             raise ValueError(f"scfg rate_min must be <= rate_max, got {self.rate_min} > {self.rate_max}")
 
 
+# The library's defaults, used wherever neither the caller nor the model folder's ``attnguide.json``
+# gives a value (``pipelines.recommended_settings``): the method combining all of attnguide's terms;
+# w = 7.5 and 50 steps, S-CFG's reference setting (SD's own default w); s = 3.0 and the mid block,
+# diffusers' PAG defaults (methods.md).
+DEFAULTS = {"method": "scfg+pag", "guidance_scale": 7.5, "pag_scale": 3.0, "num_inference_steps": 50}
+
+
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Which guidance to apply and how strongly; validated on construction.
@@ -118,9 +125,9 @@ class GuidanceConfig:
     branch is not computed at all. ``guidance_rescale`` is φ of Lin et al. (2024), 0 = off.
     """
 
-    method: str = "cfg"
-    guidance_scale: float = 7.5
-    pag_scale: float = 3.0
+    method: str = DEFAULTS["method"]
+    guidance_scale: float = DEFAULTS["guidance_scale"]
+    pag_scale: float = DEFAULTS["pag_scale"]
     cfg_window: tuple[float, float] = (0.0, 1.0)
     pag_window: tuple[float, float] = (0.0, 1.0)
     guidance_rescale: float = 0.0

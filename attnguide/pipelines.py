@@ -16,18 +16,38 @@ def builtin_model_path() -> Path:
     return MODEL_DIR
 
 
-DEFAULT_SETTINGS = {"guidance_scale": 7.5, "pag_scale": 3.0, "num_inference_steps": 50, "scfg_levels": None}
+def default_settings() -> dict:
+    """The library's defaults (``guidance.DEFAULTS``) plus S-CFG's levels (None: chosen from the
+    denoiser's architecture, ``attention.default_scfg_levels``)."""
+    from .guidance import DEFAULTS
+
+    return {**DEFAULTS, "scfg_levels": None}
 
 
-def recommended_settings(pipe) -> dict:
-    """Sampling settings a model folder recommends in its ``attnguide.json`` (w, s, steps, S-CFG
-    levels), over ``DEFAULT_SETTINGS``; the built-in model ships one."""
+def recommended_settings(model) -> dict:
+    """The settings every entry point (API, CLI, web UI, eval) uses where the caller gives none:
+    what the model folder recommends in its ``attnguide.json`` (method, w, s, steps, S-CFG levels),
+    over the library's defaults. ``model`` is a pipeline (its ``name_or_path`` folder), a folder, or
+    None (the built-in model); the built-in model ships one."""
     import json
 
-    settings = dict(DEFAULT_SETTINGS)
-    path = Path(getattr(pipe, "name_or_path", "") or "") / "attnguide.json"
-    if path.is_file():
-        settings.update({k: v for k, v in json.loads(path.read_text()).items() if k in DEFAULT_SETTINGS})
+    settings = default_settings()
+    if model is None:
+        folder = builtin_model_path()
+    elif isinstance(model, (str, Path)):
+        folder = Path(model)
+    else:
+        folder = Path(getattr(model, "name_or_path", "") or "")
+    path = folder / "attnguide.json"
+    if str(folder) not in ("", ".") and path.is_file():
+        settings.update({k: v for k, v in json.loads(path.read_text()).items() if k in settings})
+    return settings
+
+
+def resolve_settings(model, **given) -> dict:
+    """``recommended_settings(model)`` with every value of ``given`` that is not None put over it."""
+    settings = recommended_settings(model)
+    settings.update({k: v for k, v in given.items() if v is not None})
     return settings
 
 

@@ -15,6 +15,7 @@ import torch
 from . import segmentation, validation
 from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
 from .guidance import METHODS, REGISTRY, SCFGOptions
+from .pipelines import resolve_settings
 from .transformer_attention import denoiser
 from .validation import Limits, NonFiniteError
 
@@ -165,11 +166,11 @@ def generate(
     pipe,
     prompt: str | Sequence[str],
     *,
-    method: str = "cfg",
-    guidance_scale: float = 7.5,
-    pag_scale: float = 3.0,
+    method: str | None = None,
+    guidance_scale: float | None = None,
+    pag_scale: float | None = None,
     pag_layers: str | Sequence[str] = DEFAULT_PAG_LAYERS,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -206,6 +207,9 @@ def generate(
         guidance_scale: w of CFG/S-CFG (> 1 for the methods that use it; checked but ignored by ``none``/``pag``).
         pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
             patterns; ``attnguide layers`` lists them); default the mid block.
+        method, guidance_scale, pag_scale, num_inference_steps: None takes the model folder's
+            recommendation (its ``attnguide.json``), else the library default
+            (``attnguide.recommended_settings``: scfg+pag, w 7.5, s 3.0, 50 steps).
         seed: an int (image i gets seed + i) or one int per image, each in [0, 2**32 - 1] (torch's CPU
             generator keeps 32 bits); or pass ``generator``.
         image, strength: img2img from ``image`` (PIL image or path; its size is the output size, so
@@ -232,6 +236,10 @@ def generate(
     # --- validate everything before any work -------------------------------------------------
     limits = validation.as_limits(limits)
     _check_pipe(pipe)
+    settings = resolve_settings(pipe, method=method, guidance_scale=guidance_scale, pag_scale=pag_scale,
+                                num_inference_steps=num_inference_steps)
+    method, guidance_scale, pag_scale, num_inference_steps = (
+        settings[k] for k in ("method", "guidance_scale", "pag_scale", "num_inference_steps"))
     method = validation.choice("method", method, METHODS)
     uses = REGISTRY[method]
     guidance_scale = validation.number("guidance_scale", guidance_scale, minimum=0.0, maximum=limits.max_scale,

@@ -312,3 +312,13 @@ def non_finite_error(step: int, total: int, sample, predictions: dict, config) -
 
 DEFAULT_LIMITS = Limits()
 _LIMITS: contextvars.ContextVar[Limits] = contextvars.ContextVar("attnguide_limits", default=DEFAULT_LIMITS)
+
+
+def with_option_name(message: str, options: dict[str, str]) -> str:
+    """``message``, which starts with an API parameter's name, starting with the name of the option
+    that sets it instead (``options`` maps parameter names to option names; longest match wins)."""
+    for name in sorted(options, key=len, reverse=True):
+        after = message[len(name):len(name) + 1]
+        if message.startswith(name) and not (after.isalnum() or after == "_"):
+            return options[name] + message[len(name):]
+    return message

@@ -68,7 +68,7 @@ GRAY = Image.new("RGB", (32, 32), (128, 128, 128))
 # (kwargs of generate, expected error type, the parameter name the message must name)
 GENERATE_CASES = [
     (dict(method="magic"), ValueError, "method"),
-    (dict(method=None), ValueError, "method"),
+    (dict(method=""), ValueError, "method"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
     (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
     (dict(guidance_scale=1e300), ValueError, "guidance_scale"),

@@ -11,7 +11,10 @@ import click
 from .app import METHODS, SCFG_MODES, InputError, LazyChoice, LazyHelpOption, debugging, main, one_line
 
 
-def _methods(value: tuple[str, ...]) -> list[str]:
+def _methods(value: tuple[str, ...]) -> list[str | None]:
+    """The methods asked for; ``[None]`` (the model's recommendation) when ``--method`` is not given."""
+    if not value:
+        return [None]
     methods = [m.strip() for v in value for m in v.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -63,24 +66,19 @@ _GENERATE_OPTIONS = {"guidance_scale": "--guidance-scale", "pag_scale": "--pag-s
                      "dtype": "--dtype", "scfg": "--scfg-mode", "scfg mode": "--scfg-mode"}
 
 
-def _cli_names(message: str, options: dict[str, str]) -> str:
-    """A message that starts with an API parameter name, starting with the option's name instead."""
-    for name in sorted(options, key=len, reverse=True):
-        if message.startswith(name) and not message[len(name):len(name) + 1].isalnum() and message[len(name):len(name) + 1] != "_":
-            return options[name] + message[len(name):]
-    return message
-
-
 @main.command()
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None, help="Local diffusers folder [default: the built-in model].")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt; repeat for several.")
 @click.option("--negative-prompt", default=None, help="Negative prompt (applies to every prompt; used by the methods with CFG).")
-@click.option("--method", "methods", multiple=True, default=("scfg+pag",), cls=LazyHelpOption, help="Comma list or repeated: {methods}.")
+@click.option("--method", "methods", multiple=True, default=(), cls=LazyHelpOption,
+              help="Comma list or repeated: {methods} [default: the model's recommendation, else scfg+pag].")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="Image i of a prompt uses seed + i (seeds are 32-bit).")
 @click.option("--n", "num_images", type=click.IntRange(1, 64), default=1, help="Images per prompt.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=30, help="Denoising steps.")
-@click.option("--guidance-scale", type=click.FloatRange(0, 100), default=None, callback=_finite, help="CFG/S-CFG scale w [default: 7.5, or the model's recommendation].")
-@click.option("--pag-scale", type=click.FloatRange(0, 100), default=3.0, callback=_finite, help="PAG scale s.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the model's recommendation, else 50].")
+@click.option("--guidance-scale", type=click.FloatRange(0, 100), default=None, callback=_finite,
+              help="CFG/S-CFG scale w [default: the model's recommendation, else 7.5].")
+@click.option("--pag-scale", type=click.FloatRange(0, 100), default=None, callback=_finite,
+              help="PAG scale s [default: the model's recommendation, else 3.0].")
 @click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns (see `attnguide layers`).")
 @click.option("--scfg-mode", type=LazyChoice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
 @click.option("--height", type=click.IntRange(1), default=None)
@@ -113,8 +111,9 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
     _writable_dir(out_dir, "--out")  # before loading or sampling anything
     from .. import sampling
     from ..guidance import REGISTRY
-    from ..pipelines import check_device, load_pipeline, recommended_settings
+    from ..pipelines import check_device, load_pipeline, resolve_settings
     from ..report import image_grid
+    from ..validation import with_option_name
 
     try:
         check_device(device)
@@ -122,15 +121,16 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
     except ValueError as exc:
         if debugging():
             raise
-        raise InputError(_cli_names(one_line(exc), _GENERATE_OPTIONS)) from None
-    w = guidance_scale if guidance_scale is not None else recommended_settings(pipe)["guidance_scale"]
+        raise InputError(with_option_name(one_line(exc), _GENERATE_OPTIONS)) from None
+    settings = resolve_settings(pipe, guidance_scale=guidance_scale, pag_scale=pag_scale, num_inference_steps=steps)
+    methods = [settings["method"] if m is None else m for m in methods]
     stems = _file_stems(list(prompts))
     rows, labels = [], []
     for method in methods:
         try:
             result = sampling.generate(
-                pipe, list(prompts), method=method, guidance_scale=w, pag_scale=pag_scale,
-                pag_layers=[p for p in pag_layers.split(",") if p], num_inference_steps=steps,
+                pipe, list(prompts), method=method, guidance_scale=settings["guidance_scale"], pag_scale=settings["pag_scale"],
+                pag_layers=[p for p in pag_layers.split(",") if p], num_inference_steps=settings["num_inference_steps"],
                 negative_prompt=negative_prompt if REGISTRY[method].uses_cfg else None, height=height, width=width,
                 num_images_per_prompt=num_images, seed=seed, return_masks=masks, mask_steps=None, scfg={"mode": scfg_mode},
                 image=init_image, strength=strength, mask_image=mask_image,
@@ -138,7 +138,7 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
         except (ValueError, TypeError) as exc:
             if debugging():
                 raise
-            raise InputError(_cli_names(one_line(exc), _GENERATE_OPTIONS)) from None
+            raise InputError(with_option_name(one_line(exc), _GENERATE_OPTIONS)) from None
         for k, image in enumerate(result.images):
             p, i = divmod(k, num_images)
             name = f"{stems[p]}_{method.replace('+', '-')}_seed{seed + i}"

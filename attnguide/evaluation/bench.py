@@ -50,6 +50,7 @@ from typing import Iterator, Sequence
 import click
 import torch
 
+from ..guidance import DEFAULTS
 from .bench_costs import COUNT_MODELS, CostCounter, attention_layer_count, count_costs, count_step, counting_unet
 from .bench_models import DTYPES, MODELS, SD_TOKENS, UNET_CONFIGS, build_pipeline, config_geometry, pipeline_geometry, resolve_size
 from .bench_peers import BRANCHES, DEFAULT_PROMPT, METHOD_NAMES, PEER_NAMES, AttentionMapStore, ExplicitAttnProcessor, Runner, RunSettings, make_runners, unfused_attention
@@ -194,8 +195,8 @@ def run_benchmark(
     peers: bool | Sequence[str] = True,
     memory: str = "fresh",
     seed: int = 0,
-    guidance_scale: float = 7.5,
-    pag_scale: float = 3.0,
+    guidance_scale: float = DEFAULTS["guidance_scale"],
+    pag_scale: float = DEFAULTS["pag_scale"],
     prompt: str = DEFAULT_PROMPT,
     model_path: str | Path | None = None,
     json_path: str | Path | None = None,
@@ -316,8 +317,8 @@ def _print_profile(report: dict, model: str, method_list: list[str], batch: int,
 @click.option("--memory", type=click.Choice(MEMORY_MODES), default="fresh",
               help="CPU peak memory: one fresh child process per configuration, one shared child, this process, or off.")
 @click.option("--seed", type=int, default=0)
-@click.option("--guidance-scale", type=click.FloatRange(0, 100), default=7.5)
-@click.option("--pag-scale", type=click.FloatRange(0, 100), default=3.0)
+@click.option("--guidance-scale", type=click.FloatRange(0, 100), default=DEFAULTS["guidance_scale"])
+@click.option("--pag-scale", type=click.FloatRange(0, 100), default=DEFAULTS["pag_scale"])
 @click.option("--prompt", default=DEFAULT_PROMPT)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here as JSON.")
 @click.option("--count-only", is_flag=True, help="No timing: count U-Net evaluations, FLOPs (FlopCounterMode) and attention kernels per step of --count-models on --count-device.")

@@ -232,11 +232,13 @@ def count_costs(models: Sequence[str] = ("builtin", "sd15", "sdxl"), methods: Se
 
     sizes: image side per model (default: native, i.e. 512 for sd15 and 1024 for sdxl).
     steps: sampling steps for the per-image evaluation count (default: the model's recommended, else 50)."""
-    from attnguide.guidance import GuidanceConfig, plan_step
+    from attnguide.guidance import DEFAULTS, GuidanceConfig, plan_step
+    from attnguide.pipelines import recommended_settings
 
     methods = [m for m in METHOD_NAMES if m in set(methods) | {"cfg"}]
     report: dict[str, Any] = {"meta": {"device": device, "dtype": dtype, "batch": batch, "torch": torch.__version__,
-                                       "pag_layers": "mid", "guidance_scale": 7.5, "pag_scale": 3.0,
+                                       "pag_layers": "mid", "guidance_scale": DEFAULTS["guidance_scale"],
+                                       "pag_scale": DEFAULTS["pag_scale"],
                                        "flops": "torch.utils.flop_counter.FlopCounterMode (matmul/conv/attention; "
                                                 "a multiply-add = 2 FLOPs; elementwise ops not counted)"},
                               "models": {}}
@@ -245,11 +247,11 @@ def count_costs(models: Sequence[str] = ("builtin", "sd15", "sdxl"), methods: Se
         unet, vae_factor, tokens, levels = counting_unet(model, device, model_path, dtype)
         side = (sizes or {}).get(model) or config_geometry(model, model_path)[0]
         latent = (side // vae_factor, side // vae_factor)
-        n_steps = steps or (30 if model == "builtin" else 50)
+        n_steps = steps or recommended_settings(model_path if model == "builtin" else "")["num_inference_steps"]
         per: dict[str, dict] = {}
         for method in methods:
             c = count_step(unet, method, latent, tokens, batch=batch, levels=levels)
-            config = GuidanceConfig(method=method, guidance_scale=7.5, pag_scale=3.0)
+            config = GuidanceConfig(method=method)
             evaluations = sum(len(plan_step(config, i, n_steps).branches) for i in range(n_steps))
             unet_flops = c.flops["unet"] + c.flops["identity"]
             extra = {p: c.flops[p] for p in EXTRA_PHASES}

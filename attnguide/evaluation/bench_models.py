@@ -76,19 +76,54 @@ UNET_CONFIGS: dict[str, dict] = {
 }
 
 
-def _tiny_components() -> dict:
-    """The test suite's tiny SD-shaped model: a 3-level U-Net on 16x16 latents, 32-pixel images."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def tiny_unet(sdxl: bool = False, attention_everywhere: bool = True):
+    """The tiny SD-shaped U-Net of the benchmark's smoke runs and the test suite: 3 levels on 16x16
+    latents, seeded (the same weights every call). ``sdxl`` adds SDXL's text-time conditioning;
+    ``attention_everywhere=False`` leaves no attention layer (for refusal tests)."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = sd_tokenizer(24)
-    unet = UNet2DConditionModel(**UNET_CONFIGS["tiny"]).eval()
-    vae = AutoencoderKL(
+    config = dict(UNET_CONFIGS["tiny"], mid_block_type="UNetMidBlock2DCrossAttn")
+    if sdxl:
+        config.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=8 * 6 + 32)
+    if not attention_everywhere:
+        config.update(down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, mid_block_type=None)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_vae():
+    """A 2-level AutoencoderKL (factor 2: 32-pixel images for 16x16 latents), seeded."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, norm_num_groups=8, sample_size=32, mid_block_add_attention=False,
     ).eval()
-    text_encoder = clip_text(len(tokenizer), 32, 2, 2, 64, 24)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=make_scheduler(),
+
+
+def tiny_text_encoder(vocab: int, with_projection: bool = False):
+    """A 2-layer CLIP text encoder of width 32 over ``vocab`` tokens (24 positions), seeded."""
+    torch.manual_seed(0)
+    return clip_text(vocab, 32, 2, 2, 64, 24, projection=32 if with_projection else None)
+
+
+def tiny_sd_components(attention_everywhere: bool = True) -> dict:
+    """The tiny model as ``StableDiffusionPipeline`` components (built-in word tokenizer and scheduler)."""
+    tokenizer = sd_tokenizer(24)
+    return dict(unet=tiny_unet(attention_everywhere=attention_everywhere), vae=tiny_vae(),
+                text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer, scheduler=make_scheduler(),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sdxl_components(unet=None) -> dict:
+    """The tiny model as ``StableDiffusionXLPipeline`` components (two text encoders)."""
+    tokenizer = sd_tokenizer(24)
+    return dict(unet=(unet if unet is not None else tiny_unet(sdxl=True)).eval(), vae=tiny_vae(),
+                text_encoder=tiny_text_encoder(len(tokenizer)),
+                text_encoder_2=tiny_text_encoder(len(tokenizer), with_projection=True),
+                tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=make_scheduler())
 
 
 def _sd15_components() -> dict:
@@ -145,7 +180,7 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "float
     if model == "sdxl":
         pipe = StableDiffusionXLPipeline(**_sdxl_components())
     else:
-        pipe = StableDiffusionPipeline(**(_tiny_components() if model == "tiny" else _sd15_components()))
+        pipe = StableDiffusionPipeline(**(tiny_sd_components() if model == "tiny" else _sd15_components()))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..attention import processor_input, processor_output
-from ..guidance import METHODS, REGISTRY
+from ..guidance import DEFAULTS, METHODS, REGISTRY
 
 METHOD_NAMES = METHODS
 PEER_NAMES = ("diffusers-cfg", "diffusers-pag", "diffusers-cfg+pag", "unfused-scfg")
@@ -106,8 +106,8 @@ class RunSettings:
     prompt: str = DEFAULT_PROMPT
     batch: int = 1
     seed: int = 0
-    guidance_scale: float = 7.5
-    pag_scale: float = 3.0
+    guidance_scale: float = DEFAULTS["guidance_scale"]
+    pag_scale: float = DEFAULTS["pag_scale"]
 
 
 @dataclass

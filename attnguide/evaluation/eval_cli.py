@@ -18,7 +18,7 @@ from .errors import BadInput, EvalFolderError
 from .runner import run_eval
 from .settings import DEFAULT_BUILTIN_PROMPTS, EvalSettings, load_prompts
 from .summary import report, summary_markdown
-from .sweep import SEED_STRIDE, parse_configs, parse_scales, recommended_guidance_scale
+from .sweep import SEED_STRIDE, parse_configs, parse_scales
 
 
 @contextlib.contextmanager
@@ -43,16 +43,17 @@ def eval_cli() -> None:
                    "SCALES: cfg@W, scfg@W, pag@S, cfg+pag@W/S (or cfg+pag@W: S from --pag-scale), scfg+pag@W/S.")
 @click.option("--scales", default=None,
               help="Comma list of scales swept for each METHOD given without '@': w for cfg, scfg, cfg+pag, scfg+pag "
-                   "(s then fixed by --pag-scale), s for pag; none ignores it. Default: w = the model's "
-                   "attnguide.json guidance_scale (the built-in model ships one; else 7.5), pag s = 2.")
-@click.option("--pag-scale", type=click.FloatRange(0), default=1.5, help="s of cfg+pag / scfg+pag when not given as METHOD@W/S.")
+                   "(s then fixed by --pag-scale), s for pag; none ignores it. Default: the model's recommended w "
+                   "(its attnguide.json; the built-in model ships one; else 7.5), and --pag-scale for pag.")
+@click.option("--pag-scale", type=click.FloatRange(0), default=None,
+              help="s of pag, cfg+pag and scfg+pag when not given as METHOD@S or METHOD@W/S [default: the model's recommendation, else 3].")
 @click.option("--prompts", default="builtin", help="'builtin' (held-out scenes with ground truth: all metrics) or a text file, one prompt a line (model-agnostic metrics only).")
 @click.option("--num-prompts", type=click.IntRange(1), default=None, help=f"Prompts to use [default: {DEFAULT_BUILTIN_PROMPTS} for builtin, all of a file].")
 @click.option("--prompt-seed", type=int, default=1000, help="Seed of the built-in held-out scenes.")
 @click.option("--n", "n", type=click.IntRange(1, SEED_STRIDE), default=1, help="Images per prompt (>= 2 for diversity).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder; rerun the same command to resume.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None, help="Local diffusers folder [default: the built-in model].")
-@click.option("--steps", type=click.IntRange(1, 1000), default=30, help="Denoising steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the model's recommendation, else 50].")
 @click.option("--seed", type=int, default=0, help="Base seed: sample k of prompt p uses seed + 1000 p + k, for every method.")
 @click.option("--batch", type=click.IntRange(1), default=8, help="Images per U-Net batch (and per work unit sharded across processes).")
 @click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns PAG perturbs.")
@@ -86,11 +87,14 @@ def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n
     per-job records after a barrier, identical to a one-process run apart from timing.
     (`accelerate launch --cpu` starts one process unless an MPI hostfile is configured.)
     """
+    from ..pipelines import resolve_settings
+
     try:
-        configs = parse_configs(methods, parse_scales(scales), pag_scale, recommended_guidance_scale(model))
+        recommended = resolve_settings(model, pag_scale=pag_scale, num_inference_steps=steps)
+        configs = parse_configs(methods, parse_scales(scales), recommended["pag_scale"], recommended["guidance_scale"])
         settings = EvalSettings(
             out=Path(out), configs=configs, prompts=prompts, num_prompts=num_prompts, prompt_seed=prompt_seed, n=n,
-            model=model, steps=steps, seed=seed, batch=batch, pag_layers=tuple(p for p in pag_layers.split(",") if p),
+            model=model, steps=recommended["num_inference_steps"], seed=seed, batch=batch, pag_layers=tuple(p for p in pag_layers.split(",") if p),
             scfg_mode=scfg_mode, negative_prompt=negative_prompt, height=height, width=width, device=device, dtype=dtype,
             evaluator=evaluator, clip=clip, min_real=min_real, grid_prompts=grid_prompts, progress=not quiet,
             report=not no_report,

@@ -33,7 +33,7 @@ class EvalSettings:
     prompt_seed: int = 1000
     n: int = 1
     model: str | None = None
-    steps: int = 30
+    steps: int | None = None  # None: the model's recommendation (pipelines.recommended_settings)
     seed: int = 0
     batch: int = 8
     pag_layers: tuple[str, ...] = ("mid",)
@@ -52,6 +52,10 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        if self.steps is None:
+            from ..pipelines import recommended_settings
+
+            self.steps = int(recommended_settings(self.model)["num_inference_steps"])
         for name in ("steps", "batch", "n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")
@@ -190,12 +194,9 @@ _EVAL_OPTIONS = {"guidance_scale": "--methods/--scales (w)", "pag_scale": "--pag
 
 def option_message(exc: BaseException) -> str:
     """A validation message that starts with an API parameter name, starting with the option instead."""
-    message = " ".join(str(exc).split())
-    for name in sorted(_EVAL_OPTIONS, key=len, reverse=True):
-        rest = message[len(name):len(name) + 1]
-        if message.startswith(name) and not (rest.isalnum() or rest == "_"):
-            return _EVAL_OPTIONS[name] + message[len(name):]
-    return message
+    from ..validation import with_option_name
+
+    return with_option_name(" ".join(str(exc).split()), _EVAL_OPTIONS)
 
 
 def check_settings(settings: EvalSettings, pipe, prompts: Sequence[str]) -> None:

@@ -22,7 +22,6 @@ from ..guidance import METHODS, REGISTRY
 from .storage import IMAGES_DIR, JOBS_DIR, MASKS_DIR
 
 SEED_STRIDE = 1000  # seed = base + SEED_STRIDE * prompt_index + sample_index
-DEFAULT_PAG_ONLY_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -101,19 +100,23 @@ def parse_scales(text: str | None) -> list[float] | None:
 def parse_configs(
     methods: Iterable[str],
     scales: Sequence[float] | None = None,
-    pag_scale: float = 1.5,
-    default_w: float | None = None,
-    default_pag_only: float = DEFAULT_PAG_ONLY_SCALE,
+    pag_scale: float | None = None,
+    guidance_scale: float | None = None,
 ) -> list[Config]:
     """Configs from ``--methods`` items (comma lists allowed) and ``--scales``.
 
     An item is ``METHOD`` or ``METHOD@SCALES``: ``cfg@5``/``scfg@5`` (w), ``pag@2`` (s),
     ``cfg+pag@5/1.5`` (w/s) or ``cfg+pag@5`` (w, s = ``pag_scale``). A ``METHOD`` without ``@``
     gets one config per value of ``scales`` -- w for cfg/scfg/cfg+pag/scfg+pag (s fixed to
-    ``pag_scale``), s for pag -- or, without ``scales``, ``default_w`` (None: the built-in model's
-    ``recommended_guidance_scale``) resp. ``default_pag_only``. ``none`` takes no scale.
-    Duplicates are dropped, order kept.
+    ``pag_scale``), s for pag -- or, without ``scales``, ``guidance_scale`` resp. ``pag_scale``.
+    ``none`` takes no scale. ``pag_scale`` / ``guidance_scale`` None: the built-in model's
+    recommendation (``pipelines.recommended_settings``). Duplicates are dropped, order kept.
     """
+    if pag_scale is None or guidance_scale is None:
+        from ..pipelines import resolve_settings
+
+        recommended = resolve_settings(None, pag_scale=pag_scale, guidance_scale=guidance_scale)
+        pag_scale, guidance_scale = float(recommended["pag_scale"]), float(recommended["guidance_scale"])
     configs: list[Config] = []
     for item in (m.strip() for value in methods for m in value.split(",")):
         if not item:
@@ -127,12 +130,10 @@ def parse_configs(
         elif not REGISTRY[method].uses_cfg and not REGISTRY[method].pag:
             configs.append(Config(method))
         elif not REGISTRY[method].uses_cfg:
-            configs.extend(Config(method, None, s) for s in (scales or [default_pag_only]))
+            configs.extend(Config(method, None, s) for s in (scales or [pag_scale]))
         else:
-            if not scales and default_w is None:
-                default_w = recommended_guidance_scale(None)
             s = pag_scale if REGISTRY[method].pag else None
-            configs.extend(Config(method, w, s) for w in (scales or [default_w]))
+            configs.extend(Config(method, w, s) for w in (scales or [guidance_scale]))
     if not configs:
         raise ValueError("--methods: no method given")
     return list(dict.fromkeys(configs))
@@ -233,15 +234,3 @@ def model_folder(model: str | None) -> Path:
     from ..pipelines import builtin_model_path
 
     return Path(model) if model else builtin_model_path()
-
-
-def recommended_guidance_scale(model: str | None) -> float:
-    """w to sweep when none is given: what ``pipelines.recommended_settings`` gives for the model
-    folder (its ``attnguide.json`` ``guidance_scale``, else the library default), read without
-    loading the model."""
-    from types import SimpleNamespace
-
-    from ..pipelines import recommended_settings
-
-    folder = SimpleNamespace(name_or_path=str(model_folder(model)))  # all recommended_settings reads of a pipeline
-    return float(recommended_settings(folder)["guidance_scale"])

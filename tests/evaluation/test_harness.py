@@ -75,8 +75,13 @@ def test_parse_configs_sweeps_and_explicit_scales():
     got = parse_configs(["none,cfg,pag", "cfg+pag", "scfg+pag@4/2", "cfg@5"], [3.0, 5.0], pag_scale=1.5)
     assert [c.label for c in got] == ["none", "cfg@3", "cfg@5", "pag@3", "pag@5", "cfg+pag@3/1.5", "cfg+pag@5/1.5",
                                       "scfg+pag@4/2"]  # cfg@5 given twice: kept once
-    defaults = parse_configs(["cfg,pag,cfg+pag@5"], None, pag_scale=1.5, default_w=5.0)
-    assert [c.label for c in defaults] == ["cfg@5", "pag@2", "cfg+pag@5/1.5"]
+    defaults = parse_configs(["cfg,pag,cfg+pag@5"], None, pag_scale=1.5, guidance_scale=5.0)
+    assert [c.label for c in defaults] == ["cfg@5", "pag@1.5", "cfg+pag@5/1.5"]
+    # Without scales: the built-in model's recommendation (its attnguide.json), for every entry point alike.
+    from attnguide.pipelines import recommended_settings
+    rec = recommended_settings(None)
+    w, s = rec["guidance_scale"], rec["pag_scale"]
+    assert [c.label for c in parse_configs(["cfg,pag,cfg+pag"])] == [f"cfg@{w:g}", f"pag@{s:g}", f"cfg+pag@{w:g}/{s:g}"]
     assert Config("cfg+pag", 5.0, 1.5).slug == "cfg-pag_w5_s1.5"
     assert Config("pag", None, 2.0).scale == 2.0 and Config("none").scale is None
 
