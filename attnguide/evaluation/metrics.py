@@ -124,7 +124,9 @@ def frechet_distance_from_stats(
     ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``.
 
     As in the standard FID code, a non-finite matrix square root is retried with ``eps`` added to
-    the diagonals, and small imaginary parts from numerical error are dropped.
+    the diagonals, and small imaginary parts from numerical error are dropped. The test suite pins
+    it to torchmetrics' ``FrechetInceptionDistance`` (custom features) to 1e-6; this one stays because
+    it works on stored feature arrays and costs the package no further dependency.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
