@@ -239,7 +239,7 @@ class GuidanceAttnProcessor:
     IP-Adapter, LoRA or any custom processor keeps working).
 
     perturb: rows of the ``perturbed`` branch get PAG's identity attention map, so the layer's
-        output there is ``to_out(to_v(h))`` (Ahn et al., eq. 9 with A = I); the other rows go
+        output there is ``to_out(to_v(h))`` (Ahn et al. 2024, §3: the self-attention map softmax(QKᵀ/√d) replaced by I); the other rows go
         through the layer's own processor.
     record: ``"self"`` keeps q/k of the recorded branches; ``"cross"`` keeps their head-averaged
         attention probabilities (rows x N x T), computed explicitly from q/k (small: T tokens).

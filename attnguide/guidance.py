@@ -186,12 +186,14 @@ def plan_step(config: GuidanceConfig, step: int, num_steps: int) -> StepPlan:
 
 
 def cfg_term(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance: ε_u + w·(ε_c − ε_u). ``scale`` may be a per-pixel map (S-CFG)."""
+    """Classifier-free guidance (Ho & Salimans 2022): ε_u + w·(ε_c − ε_u). ``scale`` may be a per-pixel
+    map: S-CFG's step 7 (Shen et al. 2024), ε_u + w·rate(x)·(ε_c − ε_u)."""
     return uncond + scale * (cond - uncond)
 
 
 def pag_term(cond: torch.Tensor, perturbed: torch.Tensor, scale: float) -> torch.Tensor:
-    """PAG's guidance direction (Ahn et al., eq. 11): s·(ε_c − ε_p)."""
+    """PAG's guidance term (Ahn et al. 2024, §3: ε̃ = ε_c + s·(ε_c − ε̂), ε̂ the prediction with
+    identity self-attention): s·(ε_c − ε_p)."""
     return scale * (cond - perturbed)
 
 
@@ -217,6 +219,8 @@ def combine(
     PAG adds s(ε_c − ε_p) to whichever base applies.
     """
     cond = predictions["cond"]
+    # Text term first (CFG, or S-CFG step 7 with the per-pixel rate), then PAG's term added to it:
+    # ε̂ = ε_u + w(ε_c − ε_u) + s(ε_c − ε_p), PAG combined with CFG (Ahn et al. 2024; methods.md).
     if plan.cfg:
         scale = config.guidance_scale if not plan.scfg else config.guidance_scale * rate
         if plan.scfg and rate is None:

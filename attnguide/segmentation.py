@@ -134,7 +134,8 @@ def complete(cross: torch.Tensor, record: SelfRecord, mode: str, power: int) -> 
     """Self-attention completion of the cross maps.
 
     reference: (S̄C + 3·S̄²C) / 4 — what the reference code's loop computes.
-    paper: (S̄ + S̄² + … + S̄^R)·C / R — the paper's Eq. (mean of the first R powers).
+    paper: (S̄ + S̄² + … + S̄^R)·C / R — the paper's completion (mean of the first R powers).
+    S-CFG step 2 (Shen et al. 2024, methods.md).
     """
     s_bar = self_attention_map(record)
     if s_bar is not None:
@@ -229,12 +230,14 @@ def segment(
     resized = []
     for group in _layer_groups(records, pairs):
         cross, record = _stacked(records, group)
-        completed = complete(cross, record, mode, power)  # (layers * rows, N, T)
+        completed = complete(cross, record, mode, power)  # step 2: C <- S̄·C, (layers * rows, N, T)
         hw = grid_shape(completed.shape[1], latent_hw, group[0][2])
-        maps = _resample_positions(completed, hw, target, smoothing)
+        maps = _resample_positions(completed, hw, target, smoothing)  # step 3: finest grid, 3x3 Gaussian
         resized.append(maps.reshape(len(group), -1, *maps.shape[1:]))
     maps = torch.cat(resized) if len(resized) > 1 else resized[0]  # (layers, rows, positions, T)
-    # Spatial renormalisation per layer: every token gets a chance to win pixels.
+    # Step 4: spatial renormalisation per layer (every token gets a chance to win pixels), then the
+    # equal-weight mean over layers. Step 5: hard argmax over all token positions; foreground where
+    # the other tokens' summed map beats the start token's.
     tokens = maps[:, token_rows]
     token_scores = (tokens / (tokens.mean(dim=2, keepdim=True) + 1e-8)).mean(dim=0)
     fg = maps[:, foreground_rows]
@@ -275,7 +278,7 @@ def scfg_rate(
     region_norm = (norm * masks).sum(dim=(2, 3)) / (area + 1e-8)
     fore_norm = (norm * fore).sum(dim=(2, 3)) / (fore.sum(dim=(2, 3)) + 1e-8)  # (B, 1)
     nonempty = (area > 0).float()
-    rate_per_token = fore_norm * nonempty / (region_norm + 1e-8)
+    rate_per_token = fore_norm * nonempty / (region_norm + 1e-8)  # step 6: rate_i = mean_f(n) / mean_i(n)
     rate = (rate_per_token[..., None, None] * masks).sum(dim=1, keepdim=True)
     rate = rate.clamp(min=rate_min, max=rate_max)
     if guidance_scale > 0:
