@@ -99,9 +99,10 @@ def _check_pipe(pipe) -> None:
         )
 
 
-def _prompt_tokens(pipe, prompts: list[str] | None, images: int) -> list[list[str]]:
-    """Token strings of every image's prompt (names for the mask legend)."""
-    tokenizer = getattr(pipe, "tokenizer", None)
+def _prompt_tokens(pipe, prompts: list[str] | None, images: int, tokenizer_name: str = "tokenizer") -> list[list[str]]:
+    """Token strings of every image's prompt (names for the mask legend), from the tokenizer whose
+    tokens the attention reads."""
+    tokenizer = getattr(pipe, tokenizer_name, None) or getattr(pipe, "tokenizer", None)
     if not prompts or tokenizer is None:
         return [[] for _ in range(images)]
     length = min(int(tokenizer.model_max_length), 512)  # T5/BERT tokenizers may report a huge model_max_length
@@ -146,14 +147,10 @@ class _Engine:
     def _init_transformer(self, method, pag_layers, scfg: SCFGOptions, return_masks, mask_steps, callback) -> None:
         """A transformer denoiser (SD3, PixArt-Σ, Sana, HunyuanDiT, Flux): layers from ``transformer_attention``."""
         model, pipe = self.unet, self.pipe
-        # Pipelines that run CFG as a separate call (Flux's true CFG) never batch [uncond, cond].
+        # Flux runs its true CFG as a second transformer call per step (negative prompt); the engine
+        # batches both into the first call and answers the second from it (``_true_cfg_inputs``).
         self.separate_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
-        if self.separate_cfg and self.template.uses_cfg:
-            raise ValueError(
-                f"method {method!r} needs the pipeline to batch [uncond, cond], but {type(pipe).__name__} runs no CFG "
-                "batch (its guidance_scale is embedded guidance; true_cfg_scale runs the negative prompt as a separate "
-                "call); use method 'pag' or 'none'"
-            )
+        self.negative_answer = None
         needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
         if needs_attention and not tx.list_layers(model):
             raise ValueError(f"method {method!r} needs attention layers; this transformer has none")
@@ -161,8 +158,6 @@ class _Engine:
         self.segmenting = self.template.uses_scfg or return_masks
         if self.segmenting and scfg.levels is not None:
             raise ValueError("scfg levels do not apply to transformer denoisers (every block sees the same token grid)")
-        if self.segmenting and self.separate_cfg:
-            raise ValueError(f"return_masks is not supported on {type(pipe).__name__}: its latents are packed into tokens")
         self.pairs = tx.scfg_layers(model) if self.segmenting else []
         self.seg_pairs = [(s, c, tx.patch_size(model)) for s, c in self.pairs]
         if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
@@ -182,7 +177,7 @@ class _Engine:
     def _pipeline_cfg(self) -> bool:
         """Whether the pipeline batches [uncond, cond] in this call."""
         if self.transformer and self.separate_cfg:
-            return False
+            return bool(self.call_locals.get("do_true_cfg"))
         if hasattr(type(self.pipe), "do_classifier_free_guidance"):
             return bool(self.pipe.do_classifier_free_guidance)
         if "do_classifier_free_guidance" in self.call_locals:  # PixArt-Σ keeps it in a local of __call__
@@ -191,6 +186,7 @@ class _Engine:
 
     # --- per pipeline call ------------------------------------------------------------------------
     def _new_call(self, total_steps: int | None) -> None:
+        self.prompt_seen = False  # the next pipeline call's encode_prompt names the masks
         self.total_steps = total_steps
         self.calls = 0
         self.prompts: list[str] | None = getattr(self, "prompts", None)
@@ -201,8 +197,8 @@ class _Engine:
     def _config(self) -> GuidanceConfig:
         if not self.transformer:
             w = float(getattr(self.pipe, "guidance_scale", 1.0))
-        elif self.separate_cfg:
-            w = 1.0  # Flux: guidance_scale is the embedded (distilled) guidance, not CFG's w
+        elif self.separate_cfg:  # Flux: guidance_scale is the embedded (distilled) guidance; CFG's w is true_cfg_scale
+            w = float(self.call_locals.get("true_cfg_scale", 1.0)) if self.call_locals.get("do_true_cfg") else 1.0
         elif hasattr(type(self.pipe), "guidance_scale"):
             w = float(self.pipe.guidance_scale)
         else:
@@ -213,16 +209,18 @@ class _Engine:
 
     def _input_branches(self, config: GuidanceConfig) -> tuple[str, ...]:
         pipeline_cfg = bool(self.pipe.do_classifier_free_guidance) if not self.transformer else self._pipeline_cfg()
+        scale = "true_cfg_scale" if self.transformer and self.separate_cfg else "guidance_scale"
         if config.uses_cfg and not pipeline_cfg:
             raise ValueError(
-                f"method {config.method!r} guides with the pipeline's guidance_scale, but the pipeline runs without "
-                f"CFG (guidance_scale={config.guidance_scale}); call it with guidance_scale > 1"
+                f"method {config.method!r} guides with the pipeline's {scale}, but the pipeline runs without "
+                f"CFG ({scale}={config.guidance_scale}); call it with {scale} > 1"
+                + (" and a negative_prompt (\"\" works)" if scale == "true_cfg_scale" else "")
                 + (" (S-CFG's w)" if config.uses_scfg else "")
             )
         if not config.uses_cfg and pipeline_cfg:
             raise ValueError(
-                f"method {config.method!r} uses no CFG, but the pipeline runs CFG (guidance_scale="
-                f"{config.guidance_scale}); call it with guidance_scale=1, or use method 'cfg+pag'"
+                f"method {config.method!r} uses no CFG, but the pipeline runs CFG ({scale}="
+                f"{config.guidance_scale}); call it with {scale}=1, or use method 'cfg+pag'"
             )
         return ("uncond", "cond") if pipeline_cfg else ("cond",)
 
@@ -237,6 +235,11 @@ class _Engine:
         inputs = dict(bound.arguments)
         extra = inputs.pop("kwargs", {}) if "kwargs" in self.signature.parameters else {}
         inputs.update(extra)
+        separate = self.transformer and self.separate_cfg and bool(self.call_locals.get("do_true_cfg"))
+        if separate and inputs.get("encoder_hidden_states") is self.call_locals["negative_prompt_embeds"]:
+            return self._negative_call(inputs.get("return_dict", True))
+        if separate:
+            inputs = self._true_cfg_inputs(inputs)
         sample = inputs[self.sample_key]
         config = self._config()
         layout = self._input_branches(config)
@@ -262,16 +265,23 @@ class _Engine:
         noise = original(**call_inputs, return_dict=False)[0]
         frames = noise.shape[2] if noise.ndim == 5 else 0
         predictions = dict(zip(plan.branches, frames_as_rows(noise).chunk(len(plan.branches))))
+        # Flux packs latents into tokens (B, N, C): S-CFG works on their (h, w) grid.
+        grid = _token_grid(inputs, noise.shape[1]) if noise.ndim == 3 and (sources or plan.scfg) else None
         seg = rate = None
         if sources:
-            seg = segmentation.segment_records(self.taps, sources, self.seg_pairs, tuple(noise.shape[-2:]), config.scfg)
+            seg = segmentation.segment_records(self.taps, sources, self.seg_pairs, grid or tuple(noise.shape[-2:]), config.scfg)
         if plan.scfg:
             opts = config.scfg
             eps = slice(None, self.eps_channels)  # learned-sigma transformers: ε channels only
+            uncond, cond = predictions["uncond"], predictions["cond"]
+            if grid:
+                uncond, cond = _tokens_as_grid(uncond, grid), _tokens_as_grid(cond, grid)
             rate = segmentation.scfg_rate(
-                predictions["uncond"][:, eps], predictions["cond"][:, eps], seg, config.guidance_scale,
-                opts.rate_min, opts.rate_max, opts.cap, opts.smoothing,
+                uncond[:, eps], cond[:, eps], seg, config.guidance_scale, opts.rate_min, opts.rate_max, opts.cap,
+                opts.smoothing,
             ).to(noise.dtype)
+            if grid:
+                rate = rate.flatten(2).transpose(1, 2)  # (B, 1, h, w) -> (B, N, 1), the tokens' order
         guided = combine(predictions, plan, config, rate)
         if not bool(torch.isfinite(guided).all()):  # a NaN image is an error naming its cause, not a black PNG
             from .validation import non_finite_error
@@ -282,7 +292,13 @@ class _Engine:
             predictions = {b: rows_as_frames(p, frames) for b, p in predictions.items()}
         rows_per_branch = chunk * max(frames, 1)  # masks are per image, or per frame of a video
         self._record(step, inputs.get("timestep"), plan, predictions, guided, seg, rate, rows_per_branch, want_masks)
-        out = torch.cat([guided] * len(layout)) if len(layout) > 1 else guided
+        if separate:  # this call stands for the conditional one; the negative call gets ε̂ too
+            self.negative_answer = guided
+            return self._output(guided, return_dict)
+        return self._output(torch.cat([guided] * len(layout)) if len(layout) > 1 else guided, return_dict)
+
+    def _output(self, out: torch.Tensor, return_dict: bool):
+        """``out`` in the form the denoiser itself returns."""
         if return_dict and self.transformer:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -293,35 +309,87 @@ class _Engine:
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
+    def _true_cfg_inputs(self, inputs: dict) -> dict:
+        """Flux's conditional call turned into an [uncond, cond] batch: the negative prompt's embeddings
+        (read from the pipeline call) in the first half, every other per-row input repeated."""
+        negatives = self.call_locals
+        batch = inputs[self.sample_key].shape[0]
+        twice = torch.cat([torch.arange(batch)] * 2)
+        doubled = {k: (map_rows(v, twice, batch, 1) if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
+                   for k, v in inputs.items()}
+        for key, local in (("encoder_hidden_states", "negative_prompt_embeds"), ("pooled_projections", "negative_pooled_prompt_embeds")):
+            if inputs.get(key) is not None:
+                doubled[key] = torch.cat([negatives[local], inputs[key]])
+        text_ids = negatives.get("negative_text_ids")
+        if text_ids is not None and inputs.get("txt_ids") is not None and not torch.equal(text_ids, inputs["txt_ids"]):
+            raise ValueError(f"{type(self.pipe).__name__}: the negative prompt's text ids differ from the prompt's, so the "
+                             "two cannot share one batch; give prompt and negative prompt the same max_sequence_length")
+        return doubled
+
+    def _negative_call(self, return_dict: bool):
+        """The pipeline's negative-prompt call of a step: answered with the step's ε̂ (computed by the
+        conditional call), so its ``neg + w(cond − neg)`` is exactly ε̂; no transformer evaluation."""
+        if self.negative_answer is None:
+            raise RuntimeError(f"{type(self.pipe).__name__} made its negative-prompt call before the conditional one")
+        answer, self.negative_answer = self.negative_answer, None
+        return self._output(answer, return_dict)
+
     def _record(self, step, timestep, plan, predictions, guided, seg, rate, chunk, want_masks) -> None:
         self.calls += 1
         self.run.unet_evaluations += len(plan.branches)
         self.run.branches_per_step.append(plan.branches)
         if want_masks and seg is not None:
             if self.run.masks is None:
-                self.run.masks = segmentation.MaskSet(_prompt_tokens(self.pipe, self.prompts, chunk))
+                # Flux's attention reads the T5 tokens (tokenizer_2); the others' first tokens are CLIP's.
+                tokenizer = "tokenizer_2" if self.transformer and self.separate_cfg else "tokenizer"
+                self.run.masks = segmentation.MaskSet(_prompt_tokens(self.pipe, self.prompts, chunk, tokenizer))
             self.run.masks.steps[step] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
         if self.callback is not None:
             self.callback(StepInfo(step, timestep, plan, predictions, guided, seg, rate))
 
 
+_CALL_LOCALS = ("guidance_scale", "do_classifier_free_guidance", "skip_guidance_layers", "do_true_cfg", "true_cfg_scale",
+                "negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_text_ids", "image_embeds",
+                "negative_image_embeds")
+
+
 def _read_call_locals(engine: _Engine, frame) -> None:
     """What a transformer pipeline keeps only in locals of its ``__call__`` (read from the frame that
-    opens the progress bar, right before denoising): PixArt-Σ's CFG flag and w, Flux's true-CFG flag,
-    SD3's skip-layer guidance (a second, differently batched transformer call per step: refused)."""
-    names = ("guidance_scale", "do_classifier_free_guidance", "do_true_cfg", "skip_guidance_layers")
-    engine.call_locals = {k: frame.f_locals[k] for k in names if frame is not None and k in frame.f_locals}
+    opens the progress bar, right before denoising): PixArt-Σ's CFG flag and w; Flux's true CFG (flag,
+    w and the negative prompt's embeddings, which the engine batches into the conditional call); SD3's
+    skip-layer guidance (a second, differently batched transformer call per step: refused)."""
+    engine.call_locals = {k: frame.f_locals[k] for k in _CALL_LOCALS if frame is not None and k in frame.f_locals}
+    engine.negative_answer = None
     if engine.call_locals.get("do_true_cfg"):
-        raise ValueError(
-            f"{type(engine.pipe).__name__} runs true CFG (true_cfg_scale > 1 with a negative prompt) as a separate "
-            "transformer call, which attnguide cannot batch; call it with true_cfg_scale=1 (method 'pag' works with "
-            "the embedded guidance_scale)"
-        )
+        if engine.call_locals.get("negative_prompt_embeds") is None:
+            raise ValueError(f"{type(engine.pipe).__name__} runs true CFG, but attnguide cannot find its negative prompt's "
+                             "embeddings (negative_prompt_embeds) to batch with the prompt; call it with true_cfg_scale=1")
+        if engine.call_locals.get("image_embeds") is not None or engine.call_locals.get("negative_image_embeds") is not None:
+            raise ValueError(f"{type(engine.pipe).__name__}: true CFG with an IP-Adapter image sets different image "
+                             "embeddings for the two calls, which attnguide cannot batch; call it with true_cfg_scale=1")
     if engine.call_locals.get("skip_guidance_layers") is not None:
         raise ValueError(
             f"{type(engine.pipe).__name__}'s skip_guidance_layers runs a second transformer call per step, which "
             "attnguide cannot combine with its guidance; call it with skip_guidance_layers=None"
         )
+
+
+def _token_grid(inputs: dict, tokens: int) -> tuple[int, int]:
+    """The (h, w) grid of Flux's packed latent tokens, from their position ids (``img_ids``: row, column)."""
+    ids = inputs.get("img_ids")
+    if ids is None:
+        raise ValueError("S-CFG on packed latent tokens needs the denoiser's img_ids (their grid positions)")
+    ids = ids.reshape(-1, ids.shape[-1])[-tokens:]
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if h * w != tokens:
+        raise ValueError(f"S-CFG needs the image tokens to form one grid; img_ids give {h}x{w} for {tokens} tokens "
+                         "(extra reference-image tokens are not supported)")
+    return h, w
+
+
+def _tokens_as_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C) tokens in row-major grid order as a (B, C, h, w) map."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 
 
 @contextlib.contextmanager
@@ -358,10 +426,12 @@ def guide(
 
     ``pipe`` is any diffusers U-Net pipeline whose loop batches ``[uncond, cond]`` (SD 1.x/2.x,
     SDXL; text-to-image, img2img, inpaint, ControlNet, T2I-Adapter, IP-Adapter, LoRA, AnimateDiff),
-    or a transformer pipeline (SD3 and its img2img, PixArt-Σ, Sana, HunyuanDiT; Flux with ``none``/``pag``
-    only: it runs no CFG batch, and its true CFG is refused).
+    or a transformer pipeline (SD3 and its img2img, PixArt-Σ, Sana, HunyuanDiT, Flux).
     CFG's and S-CFG's w is the pipeline's own ``guidance_scale``: methods with CFG need it > 1,
     ``none`` and ``pag`` need it ≤ 1 (a clear error at the first U-Net call, before any denoising).
+    On Flux, w is ``true_cfg_scale`` (with a ``negative_prompt``; its ``guidance_scale`` is the embedded
+    guidance): the negative prompt's pass is batched into the step's one transformer call, and the
+    pipeline's second call is answered from it without evaluating the transformer.
 
     Args:
         method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``; None: the model's recommendation,
@@ -410,8 +480,12 @@ def guide(
     encode_prompt = getattr(pipe, "encode_prompt", None)
 
     def capture_prompt(*args, **kwargs):
+        # The first encode_prompt call before denoising is the prompt's; Flux's true CFG makes a
+        # second one for its negative prompt, which must not name the masks.
         prompt = kwargs.get("prompt", args[0] if args else None)
-        engine.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if isinstance(prompt, (list, tuple)) else None)
+        if not engine.prompt_seen:
+            engine.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if isinstance(prompt, (list, tuple)) else None)
+            engine.prompt_seen = True
         return encode_prompt(*args, **kwargs)
 
     with contextlib.ExitStack() as stack:

@@ -93,6 +93,13 @@ def _check_pixels(name: str, height: int, width: int, limits: Limits) -> None:
                          f"{limits.max_pixels} (raise the limit to allow it)")
 
 
+def _separate_cfg(pipe) -> bool:
+    """A pipeline whose CFG is a second denoiser call with the negative prompt (Flux's ``true_cfg_scale``)."""
+    import inspect
+
+    return "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+
+
 def _distilled(pipe) -> bool:
     """A guidance-distilled model (Flux): its guidance_scale is an input of the denoiser, not CFG's w."""
     return bool(getattr(denoiser(pipe).config, "guidance_embeds", False))
@@ -205,6 +212,8 @@ def generate(
             ``negative_prompt`` needs a method with CFG (``none``/``pag`` have no unconditional branch).
         method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``.
         guidance_scale: w of CFG/S-CFG (> 1 for the methods that use it; checked but ignored by ``none``/``pag``).
+            On Flux it is passed as ``true_cfg_scale`` (its negative prompt defaults to ""), batched with
+            the prompt in one transformer call; with ``none``/``pag`` it is Flux's embedded guidance.
         pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
             patterns; ``attnguide layers`` lists them); default the mid block.
         method, guidance_scale, pag_scale, num_inference_steps: None takes the model folder's
@@ -307,7 +316,8 @@ def generate(
         if not isinstance(pipeline_kwargs, dict) or not all(isinstance(k, str) for k in pipeline_kwargs):
             raise TypeError(f"pipeline_kwargs must be a dict of keyword arguments, got {pipeline_kwargs!r}")
         own = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "generator",
-               "eta", "clip_skip", "output_type", "callback_on_step_end", "height", "width", "image", "strength", "mask_image"}
+               "eta", "clip_skip", "output_type", "callback_on_step_end", "height", "width", "image", "strength", "mask_image",
+               "true_cfg_scale"}
         clash = sorted(own & set(pipeline_kwargs))
         if clash:
             raise ValueError(f"pipeline_kwargs: {clash} are arguments of generate itself; pass them directly")
@@ -330,6 +340,10 @@ def generate(
         kwargs.update(image=image, strength=strength)
     if mask_image is not None:
         kwargs["mask_image"] = mask_image
+    if _separate_cfg(work) and uses.uses_cfg:
+        # Flux: CFG's w is true_cfg_scale, which needs a negative prompt; the embedded (distilled)
+        # guidance keeps the pipeline's default.
+        kwargs.update(true_cfg_scale=kwargs.pop("guidance_scale"), negative_prompt=negatives or [""] * len(prompts))
     kwargs = _call_kwargs(work, kwargs)
     kwargs.update(pipeline_kwargs or {})
     with validation.using_limits(limits), guide(

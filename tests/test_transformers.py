@@ -310,14 +310,7 @@ def test_scfg_with_unit_rate_is_cfg(name):
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
 
 
-def test_scfg_refuses_flux_and_levels():
-    pipe = plain(BY_NAME["flux"])
-    with pytest.raises(ValueError, match="batch"):
-        with guide(pipe, "scfg"):
-            pytest.fail("the block must not run")
-    with pytest.raises(ValueError, match="return_masks"):
-        with guide(pipe, "pag", return_masks=True):
-            pytest.fail("the block must not run")
+def test_scfg_refuses_levels():
     with pytest.raises(ValueError, match="levels"):
         with guide(plain(BY_NAME["sd3"]), "scfg", scfg={"levels": (4, 8)}):
             pytest.fail("the block must not run")
@@ -368,15 +361,16 @@ def test_flux_pag_on_single_stream_blocks(layers):
     assert min(gaps) > 1e-3 and np.isfinite(ours).all() and np.abs(ours - reference).max() > 1e-4
 
 
-# --- 5. Flux: what is refused ---------------------------------------------------------------------------
+# --- 5. Flux: true CFG batched into one call, S-CFG on packed tokens, what is refused ----------------------
 
 
 class RowCounter:
-    """Rows of every transformer evaluation (a forward pre-hook on the denoiser)."""
+    """Rows of every call of ``module`` (a forward pre-hook): on the denoiser, its calls as the pipeline
+    makes them; on its first block, its real evaluations."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, module) -> None:
         self.rows: list[int] = []
-        self.handle = model.register_forward_pre_hook(
+        self.handle = module.register_forward_pre_hook(
             lambda module, args, kwargs: self.rows.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
             with_kwargs=True)
 
@@ -387,6 +381,11 @@ class RowCounter:
         self.handle.remove()
 
 
+def _evaluations(model) -> RowCounter:
+    """Rows of every real evaluation of a transformer (its first block runs once per evaluation)."""
+    return RowCounter(model.transformer_blocks[0])
+
+
 def _assert_unpatched(pipe) -> None:
     model = pipe.transformer
     assert "forward" not in vars(model) and "progress_bar" not in vars(pipe) and "encode_prompt" not in vars(pipe)
@@ -394,23 +393,52 @@ def _assert_unpatched(pipe) -> None:
     assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)
 
 
-@pytest.mark.parametrize("method", ["cfg", "cfg+pag", "scfg+pag"])
-def test_flux_refuses_methods_with_cfg(method):
-    pipe = plain(BY_NAME["flux"])
-    with pytest.raises(ValueError, match="batch \\[uncond, cond\\]"):
-        with guide(pipe, method):
-            pytest.fail("the block must not run")
+TRUE_CFG = {"negative_prompt": "", "true_cfg_scale": 4.0}
+
+
+@pytest.mark.parametrize("method,kwargs", [("cfg", {}), ("cfg+pag", {"pag_scale": 0.0}),
+                                            ("scfg", {"scfg": {"rate_min": 1.0, "rate_max": 1.0}})])
+def test_flux_true_cfg_in_one_call_equals_the_plain_pipeline(method, kwargs):
+    """Flux runs its negative prompt as a second transformer call; the engine batches it into the first
+    (2 rows, one evaluation per step) and answers the second call from it: the plain pipeline's true CFG."""
+    family = BY_NAME["flux"]
+    pipe = plain(family)
+    reference = call(pipe, family, 3.5, seed=2, **TRUE_CFG)
+    with _evaluations(pipe.transformer) as evaluations, guide(pipe, method, **kwargs) as run:
+        ours = call(pipe, family, 3.5, seed=2, **TRUE_CFG)
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+    assert evaluations.rows == [2] * STEPS and run.branches_per_step == [("uncond", "cond")] * STEPS
     _assert_unpatched(pipe)
 
 
-def test_flux_refuses_true_cfg_before_denoising():
+def test_flux_scfg_pag_returns_masks_on_the_token_grid():
     family = BY_NAME["flux"]
     pipe = plain(family)
-    with RowCounter(pipe.transformer) as counter:
-        with pytest.raises(ValueError, match="true_cfg_scale"):
-            with guide(pipe, "pag", pag_scale=PAG_SCALE):
-                call(pipe, family, 3.5, negative_prompt="blurry", true_cfg_scale=4.0)
-    assert counter.rows == []
+    rates = []
+    with _evaluations(pipe.transformer) as evaluations:
+        with guide(pipe, "scfg+pag", pag_scale=PAG_SCALE, return_masks=True, callback=lambda s: rates.append(s.rate)) as run:
+            out = call(pipe, family, 3.5, seed=8, **TRUE_CFG)
+    assert np.isfinite(out).all() and evaluations.rows == [3] * STEPS
+    grid = family.size // pipe.vae_scale_factor // 2  # 2x2 latent patches are packed into one token
+    assert sorted(run.masks.steps) == list(range(STEPS))
+    assert all(labels.shape == (1, grid, grid) for labels, _ in run.masks.steps.values())
+    assert run.masks.tokens[0][:3] == ["<start>", "a", "red"]  # the prompt's tokens, not the negative prompt's
+    assert all(r.shape == (1, grid * grid, 1) and 0.8 - 1e-6 <= float(r.min()) <= float(r.max()) <= 3.0 + 1e-6 for r in rates)
+    assert max(float(r.max() - r.min()) for r in rates) > 0  # regions really get different scales
+
+
+@pytest.mark.parametrize("method,kwargs,match", [
+    ("cfg", {}, "true_cfg_scale > 1 and a negative_prompt"),  # CFG asked, none given
+    ("pag", TRUE_CFG, "true_cfg_scale=1"),  # true CFG given to a method without CFG
+])
+def test_flux_refuses_a_cfg_mismatch_before_evaluating(method, kwargs, match):
+    family = BY_NAME["flux"]
+    pipe = plain(family)
+    with _evaluations(pipe.transformer) as evaluations:
+        with pytest.raises(ValueError, match=match):
+            with guide(pipe, method, pag_scale=PAG_SCALE):
+                call(pipe, family, 3.5, **kwargs)
+    assert evaluations.rows == []
     _assert_unpatched(pipe)
 
 
@@ -427,23 +455,25 @@ def _boom(info):
 
 
 @pytest.mark.parametrize("name,method,layers", [
-    ("sd3", "scfg+pag", "mid"), ("flux", "pag", ["0", "single.1"]), ("pixart-sigma", "scfg+pag", "mid"),
+    ("sd3", "scfg+pag", "mid"), ("flux", "pag", ["0", "single.1"]), ("flux", "scfg+pag", "mid"),
+    ("pixart-sigma", "scfg+pag", "mid"),
 ])
 def test_restored_after_an_exception(name, method, layers):
     family = BY_NAME[name]
     pipe = pipeline_from(family.plain, family.build())  # fresh: must not leak into the cached components
     model = pipe.transformer
     w = 3.5 if name == "flux" else 5.0
-    before = call(pipe, family, w, seed=11)
+    extra = TRUE_CFG if name == "flux" and method != "pag" else {}
+    before = call(pipe, family, w, seed=11, **extra)
     processors = dict(model.attn_processors)
-    with RowCounter(model) as counter, pytest.raises(Boom):
-        with guide(pipe, method, pag_layers=layers, callback=_boom, return_masks=(name != "flux")):
-            call(pipe, family, w, seed=11)
+    with _evaluations(model) as counter, pytest.raises(Boom):
+        with guide(pipe, method, pag_layers=layers, callback=_boom, return_masks=method.startswith("scfg")):
+            call(pipe, family, w, seed=11, **extra)
     assert len(counter.rows) == 2  # it raised in step 1, mid-denoising
     _assert_unpatched(pipe)
     after = model.attn_processors
     assert after.keys() == processors.keys() and all(after[k] is processors[k] for k in processors)
-    np.testing.assert_array_equal(call(pipe, family, w, seed=11), before)
+    np.testing.assert_array_equal(call(pipe, family, w, seed=11, **extra), before)
 
 
 # --- 7. the joint-attention perturbation against explicit masked attention ------------------------------------
@@ -690,19 +720,26 @@ def test_generate_runs_every_method(family):
             assert out.masks is not None and sorted(out.masks.steps) == list(range(STEPS)), method
 
 
-def test_generate_on_flux_runs_pag_and_refuses_cfg():
-    from attnguide import generate
+def test_generate_on_flux_runs_every_method_with_true_cfg():
+    from attnguide import METHODS, generate
 
     family = BY_NAME["flux"]
     pipe = plain(family)
-    for method, evaluations in (("none", 1), ("pag", 2)):
-        out = generate(pipe, PROMPT, method=method, guidance_scale=3.5, pag_scale=2.0, num_inference_steps=STEPS,
-                       height=family.size, width=family.size, seed=0, output_type="latent", progress=False,
-                       pipeline_kwargs=family.inputs())
-        assert torch.isfinite(out.images).all() and out.unet_evaluations == STEPS * evaluations
-    with pytest.raises(ValueError, match="CFG|cfg"):
-        generate(pipe, PROMPT, method="cfg", guidance_scale=3.5, num_inference_steps=STEPS, height=family.size,
-                 width=family.size, seed=0, output_type="latent", progress=False, pipeline_kwargs=family.inputs())
+    branches = {"none": 1, "cfg": 2, "pag": 2, "cfg+pag": 3, "scfg": 2, "scfg+pag": 3}
+    for method in METHODS:
+        with _evaluations(pipe.transformer) as evaluations:
+            out = generate(pipe, PROMPT, method=method, guidance_scale=4.0, pag_scale=2.0, num_inference_steps=STEPS,
+                           height=family.size, width=family.size, seed=0, output_type="latent", progress=False,
+                           return_masks=method.startswith("scfg"), pipeline_kwargs=family.inputs())
+        assert torch.isfinite(out.images).all(), method
+        assert out.unet_evaluations == STEPS * branches[method] and evaluations.rows == [branches[method]] * STEPS, method
+        if method.startswith("scfg"):
+            assert out.masks is not None and sorted(out.masks.steps) == list(range(STEPS)), method
+    # cfg through generate is the plain pipeline's true CFG with w as true_cfg_scale and "" as negative prompt
+    ours = generate(pipe, PROMPT, method="cfg", guidance_scale=4.0, num_inference_steps=STEPS, height=family.size,
+                    width=family.size, seed=0, output_type="latent", progress=False, pipeline_kwargs=family.inputs()).images
+    reference = call(pipe, family, 1.0, seed=0, **TRUE_CFG)
+    np.testing.assert_allclose(ours.float().numpy(), reference, atol=1e-5, rtol=0)
 
 
 def test_layers_command_lists_transformer_layers(tmp_path):
