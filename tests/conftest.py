@@ -123,14 +123,11 @@ def load_tiny_ip_adapter(unet, seed: int = 4) -> None:
 def pipeline_from(class_name: str, components: dict, **extra):
     """diffusers' pipeline ``class_name`` built from the components it takes (skips the test when
     this diffusers version lacks the class), progress bar off."""
-    import inspect
-
     import diffusers
 
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
+    from attnguide.evaluation.tiny_transformers import pipeline_from as build
+
+    pipe = build(class_name, components, **extra)
+    if pipe is None:
         pytest.skip(f"diffusers {diffusers.__version__} has no {class_name}")
-    accepted = inspect.signature(cls.__init__).parameters
-    pipe = cls(**{k: v for k, v in components.items() if k in accepted}, **extra)
-    pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,8 +9,6 @@ Everything is built from configs with the project's offline word tokenizer; late
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -20,175 +18,16 @@ from conftest import pipeline_from
 from attnguide import attention
 from attnguide import transformer_attention as tx
 from attnguide.engine import guide
+from attnguide.evaluation.tiny_transformers import FAMILIES as PACKAGE_FAMILIES
+from attnguide.evaluation.tiny_transformers import TransformerFamily, pixart_transformer, sd3_components, sd3_transformer
 
 PROMPT = "a red circle on a gray background"
 STEPS = 2
 PAG_SCALE = 2.0
 
 
-# --- tiny components --------------------------------------------------------------------------------------
-
-
-def _tokenizer():
-    from attnguide.builtin.model import build_tokenizer
-
-    return build_tokenizer()
-
-
-VOCAB = len(_tokenizer())
-
-
-def _clip(with_projection: bool = True):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=24, pad_token_id=0, bos_token_id=1,
-                            eos_token_id=2, projection_dim=32)
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
-
-
-def _t5(d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(1)
-    config = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-                      relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
-                      decoder_start_token_id=0)
-    return T5EncoderModel(config).eval()
-
-
-def _bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(2)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=128, pad_token_id=0)
-    return BertModel(config).eval()
-
-
-def _gemma():
-    from transformers import Gemma2Config, Gemma2Model
-
-    torch.manual_seed(3)
-    config = Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
-                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                          attn_implementation="eager")
-    return Gemma2Model(config).eval()
-
-
-def _vae(levels: int = 2, latent_channels: int = 4):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8,) * levels, down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=latent_channels,
-                         norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
-                         shift_factor=0.0609, scaling_factor=1.5035).eval()
-
-
-def _vae_dc():
-    from diffusers import AutoencoderDC
-
-    torch.manual_seed(0)
-    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                         decoder_block_types=("ResBlock", "EfficientViTBlock"),
-                         encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-                         encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1],
-                         downsample_block_type="conv", upsample_block_type="interpolate",
-                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407).eval()
-
-
-def sd3_transformer(num_layers: int = 3):
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8,
-                                 num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
-                                 pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16).eval()
-
-
-def pixart_transformer():
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    return PixArtTransformer2DModel(sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-                                    caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8,
-                                    attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                                    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6).eval()
-
-
-def _flow():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler()
-
-
-def _ddim():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler()
-
-
-def sd3_components() -> dict:
-    tok = _tokenizer()
-    return dict(transformer=sd3_transformer(), scheduler=_flow(), vae=_vae(), text_encoder=_clip(), tokenizer=tok,
-                text_encoder_2=_clip(), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
-
-
-def pixart_components() -> dict:
-    return dict(transformer=pixart_transformer(), scheduler=_ddim(), vae=_vae(), text_encoder=_t5(), tokenizer=_tokenizer())
-
-
-def hunyuan_components() -> dict:
-    from diffusers import HunyuanDiT2DModel
-
-    torch.manual_seed(0)
-    transformer = HunyuanDiT2DModel(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                                    in_channels=4, cross_attention_dim=32, cross_attention_dim_t5=32,
-                                    pooled_projection_dim=16, hidden_size=24, activation_fn="gelu-approximate").eval()
-    tok = _tokenizer()
-    # HunyuanDiT's pipeline assumes an 8x VAE (its rotary grid is height // 8 // patch_size).
-    return dict(transformer=transformer, scheduler=_ddim(), vae=_vae(levels=4), text_encoder=_bert(), tokenizer=tok,
-                text_encoder_2=_t5(), tokenizer_2=tok, safety_checker=None, feature_extractor=None)
-
-
-def sana_components() -> dict:
-    from diffusers import SanaTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=3, num_attention_heads=2,
-                                         attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                         cross_attention_dim=8, caption_channels=8, sample_size=8).eval()
-    return dict(transformer=transformer, scheduler=_flow(), vae=_vae_dc(), text_encoder=_gemma(), tokenizer=_tokenizer())
-
-
-def flux_components() -> dict:
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
-    tok = _tokenizer()
-    return dict(transformer=transformer, scheduler=_flow(), vae=_vae(), text_encoder=_clip(with_projection=False),
-                tokenizer=tok, text_encoder_2=_t5(), tokenizer_2=tok)
-
 
 # --- families ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    plain: str
-    peer: str | None
-    build: Callable[[], dict]
-    peer_layers: str | None = None  # diffusers' pag_applied_layers for the same layer as our "mid"
-    inputs: Callable[[], dict] = dict
-    size: int = 16
 
 
 def _init_image():
@@ -198,22 +37,12 @@ def _init_image():
     return Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
 
 
-FAMILIES = [
-    Family("sd3", "StableDiffusion3Pipeline", "StableDiffusion3PAGPipeline", sd3_components, "blocks.1",
-           lambda: {"max_sequence_length": 8}),
-    Family("sd3-img2img", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3PAGImg2ImgPipeline", sd3_components,
-           "blocks.1", lambda: {"max_sequence_length": 8, "image": _init_image(), "strength": 0.9}),
-    Family("pixart-sigma", "PixArtSigmaPipeline", "PixArtSigmaPAGPipeline", pixart_components, "blocks.1",
-           lambda: {"max_sequence_length": 8, "use_resolution_binning": False, "clean_caption": False}),
-    Family("hunyuan-dit", "HunyuanDiTPipeline", "HunyuanDiTPAGPipeline", hunyuan_components, "blocks.2",
-           lambda: {"use_resolution_binning": False}, size=64),
-    Family("sana", "SanaPipeline", "SanaPAGPipeline", sana_components, "transformer_blocks.1",
-           lambda: {"max_sequence_length": 8, "use_resolution_binning": False, "complex_human_instruction": None,
-                    "clean_caption": False}, size=32),
-    Family("flux", "FluxPipeline", None, flux_components, None, lambda: {"max_sequence_length": 8}),
-]
+# The package's families (shared with the benchmark) plus SD3's img2img, which takes an init image.
+SD3_IMG2IMG = TransformerFamily("sd3-img2img", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3PAGImg2ImgPipeline",
+                                sd3_components, "blocks.1", {"max_sequence_length": 8, "strength": 0.9})
+FAMILIES = [PACKAGE_FAMILIES["sd3"], SD3_IMG2IMG, *(f for n, f in PACKAGE_FAMILIES.items() if n != "sd3")]
 BY_NAME = {f.name: f for f in FAMILIES}
-WITH_PEER = [f for f in FAMILIES if f.peer]
+WITH_PEER = [f for f in FAMILIES if f.pag_pipeline]
 
 
 def ids(families):
@@ -227,16 +56,21 @@ def _components(name: str) -> dict:
 
 
 
-def plain(family: Family):
-    return pipeline_from(family.plain, _components(family.name))
+def plain(family: TransformerFamily):
+    return pipeline_from(family.pipeline, _components(family.name))
 
 
-def peer(family: Family):
-    return pipeline_from(family.peer, _components(family.name), pag_applied_layers=[family.peer_layers])
+def peer(family: TransformerFamily):
+    return pipeline_from(family.pag_pipeline, _components(family.name), pag_applied_layers=[family.pag_layers])
 
 
-def call(pipe, family: Family, w: float, seed: int = 0, **kw) -> np.ndarray:
-    args = dict(family.inputs(), prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=w, height=family.size,
+def inputs(family: TransformerFamily) -> dict:
+    """The family's call arguments (img2img: with a fresh init image)."""
+    return dict(family.call_kwargs, **({"image": _init_image()} if "img2img" in family.name else {}))
+
+
+def call(pipe, family: TransformerFamily, w: float, seed: int = 0, **kw) -> np.ndarray:
+    args = dict(inputs(family), prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=w, height=family.size,
                 width=family.size, generator=torch.Generator().manual_seed(seed), output_type="latent")
     args.update(kw)
     return pipe(**args).images.detach().float().numpy()
@@ -460,7 +294,7 @@ def _boom(info):
 ])
 def test_restored_after_an_exception(name, method, layers):
     family = BY_NAME[name]
-    pipe = pipeline_from(family.plain, family.build())  # fresh: must not leak into the cached components
+    pipe = pipeline_from(family.pipeline, family.build())  # fresh: must not leak into the cached components
     model = pipe.transformer
     w = 3.5 if name == "flux" else 5.0
     extra = TRUE_CFG if name == "flux" and method != "pag" else {}
@@ -708,7 +542,7 @@ def test_generate_runs_every_method(family):
     from attnguide import METHODS, generate
 
     pipe = plain(family)
-    extra = {k: v for k, v in family.inputs().items() if k not in ("image", "strength")}
+    extra = {k: v for k, v in inputs(family).items() if k not in ("image", "strength")}
     branches = {"none": 1, "cfg": 2, "pag": 2, "cfg+pag": 3, "scfg": 2, "scfg+pag": 3}
     for method in METHODS:
         out = generate(pipe, PROMPT, method=method, guidance_scale=5.0, pag_scale=2.0, num_inference_steps=STEPS,
@@ -730,14 +564,14 @@ def test_generate_on_flux_runs_every_method_with_true_cfg():
         with _evaluations(pipe.transformer) as evaluations:
             out = generate(pipe, PROMPT, method=method, guidance_scale=4.0, pag_scale=2.0, num_inference_steps=STEPS,
                            height=family.size, width=family.size, seed=0, output_type="latent", progress=False,
-                           return_masks=method.startswith("scfg"), pipeline_kwargs=family.inputs())
+                           return_masks=method.startswith("scfg"), pipeline_kwargs=inputs(family))
         assert torch.isfinite(out.images).all(), method
         assert out.unet_evaluations == STEPS * branches[method] and evaluations.rows == [branches[method]] * STEPS, method
         if method.startswith("scfg"):
             assert out.masks is not None and sorted(out.masks.steps) == list(range(STEPS)), method
     # cfg through generate is the plain pipeline's true CFG with w as true_cfg_scale and "" as negative prompt
     ours = generate(pipe, PROMPT, method="cfg", guidance_scale=4.0, num_inference_steps=STEPS, height=family.size,
-                    width=family.size, seed=0, output_type="latent", progress=False, pipeline_kwargs=family.inputs()).images
+                    width=family.size, seed=0, output_type="latent", progress=False, pipeline_kwargs=inputs(family)).images
     reference = call(pipe, family, 1.0, seed=0, **TRUE_CFG)
     np.testing.assert_allclose(ours.float().numpy(), reference, atol=1e-5, rtol=0)
 
