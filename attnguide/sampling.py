@@ -42,7 +42,7 @@ def _check_pipe(pipe) -> None:
                          f"it lacks {missing}")
 
 
-def _size_multiple(pipe) -> int:
+def size_multiple(pipe) -> int:
     """Height and width must be multiples of this: the VAE's factor times the U-Net's downsampling,
     or times a transformer's patch size (and Flux's 2x2 latent packing)."""
     model = denoiser(pipe)
@@ -52,7 +52,8 @@ def _size_multiple(pipe) -> int:
     return pipe.vae_scale_factor * patch * (2 if hasattr(pipe, "_pack_latents") else 1)
 
 
-def _default_size(pipe) -> int:
+def default_size(pipe) -> int:
+    """The pipeline's native image side in pixels."""
     size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size
     return int(size) * pipe.vae_scale_factor
 
@@ -74,7 +75,7 @@ def _call_kwargs(work, kwargs: dict) -> dict:
 
 
 def _check_size(pipe, height, width) -> tuple[int, int]:
-    multiple = _size_multiple(pipe)
+    multiple = size_multiple(pipe)
     checked = []
     for name, value in (("height", height), ("width", width)):
         value = validation.integer(name, value, minimum=1)
@@ -293,9 +294,9 @@ def generate(
                 raise ValueError(f"{name}: img2img makes images of the size of image ({image.size[0]}x{image.size[1]}); "
                                  "resize image instead of passing height/width")
         _check_pixels("image", image.size[1], image.size[0], limits)
-    default_size = _default_size(pipe)
-    height = default_size if height is None else height
-    width = default_size if width is None else width
+    native = default_size(pipe)
+    height = native if height is None else height
+    width = native if width is None else width
     height, width = _check_size(pipe, height, width)
     if image is None or mask_image is not None:
         _check_pixels("height", height, width, limits)

@@ -35,6 +35,10 @@ load hits every configuration alike. Peak memory does not grow with the step cou
 accumulates across steps), so the CPU children measure a one-step call. Ratios are to attnguide's
 ``cfg`` measured in the same run.
 
+Tiny random transformer pipelines (``tiny-sd3``, ``tiny-pixart-sigma``, ``tiny-hunyuan-dit``,
+``tiny-sana``, ``tiny-flux``) run the same way against the peers that exist for them (``peers_for``):
+diffusers' plain pipeline and its PAG class where diffusers has one.
+
 Command line: ``attnguide bench --model tiny`` (see ``attnguide bench --help``), or
 ``python benchmarks/run_bench.py ...``.
 """
@@ -52,8 +56,20 @@ import torch
 
 from ..guidance import DEFAULTS
 from .bench_costs import COUNT_MODELS, CostCounter, attention_layer_count, count_costs, count_step, counting_unet
-from .bench_models import DTYPES, MODELS, SD_TOKENS, UNET_CONFIGS, build_pipeline, config_geometry, pipeline_geometry, resolve_size
-from .bench_peers import BRANCHES, DEFAULT_PROMPT, METHOD_NAMES, PEER_NAMES, AttentionMapStore, ExplicitAttnProcessor, Runner, RunSettings, make_runners, unfused_attention
+from .bench_models import DTYPES, MODELS, SD_TOKENS, UNET_CONFIGS, build_pipeline, config_geometry, pipeline_geometry, resolve_size, transformer_family
+from .bench_peers import (
+    BRANCHES,
+    DEFAULT_PROMPT,
+    METHOD_NAMES,
+    PEER_NAMES,
+    AttentionMapStore,
+    ExplicitAttnProcessor,
+    Runner,
+    RunSettings,
+    make_runners,
+    peers_for,
+    unfused_attention,
+)
 from .bench_report import BARS, CONTROLS, format_costs, format_report, summarise, write_json
 from .bench_timing import measure_cpu_memory, new_timings, run_memory_children, summarise_timings, time_runners, timed_run
 
@@ -118,7 +134,7 @@ def _check_args(model: str, steps: int, batch: int, repeats: int, warmup: int, d
 def _child_memory(model: str, model_path, pipe, sizes: list, configs: list[str], spec: dict, memory: str,
                   device: str, progress: bool) -> tuple[list[tuple[int, int]], dict]:
     """CPU peak memory of every configuration at every size in child processes: (resolved sizes, results per size)."""
-    geometry = pipeline_geometry(pipe) if pipe is not None else config_geometry(model, model_path)
+    geometry = pipeline_geometry(pipe, model) if pipe is not None else config_geometry(model, model_path)
     resolved = [resolve_size(size, geometry, model, device) for size in sizes]
     groups = [[c] for c in configs] if memory == "fresh" else [configs]
     results = {}
@@ -224,10 +240,14 @@ def run_benchmark(
     (to ``cfg``), ``bars`` and ``controls``.
     """
     methods, peer_list = _check_args(model, steps, batch, repeats, warmup, dtype, device, methods, peers, memory)
+    unavailable = [p for p in peer_list if p not in peers_for(model)]  # e.g. no diffusers PAG class for Flux
+    peer_list = [p for p in peer_list if p not in unavailable]
     sizes = _sizes(heights, widths)
     cuda = str(device).startswith("cuda")
     threads = torch.get_num_threads()
-    settings = RunSettings(prompt=prompt, batch=batch, seed=seed, guidance_scale=guidance_scale, pag_scale=pag_scale)
+    family = transformer_family(model)
+    settings = RunSettings(prompt=prompt, batch=batch, seed=seed, guidance_scale=guidance_scale, pag_scale=pag_scale,
+                           call_kwargs=dict(family.call_kwargs) if family else {})
     configs_all = methods + peer_list
 
     # Memory children first, before this process holds a (possibly huge) model of its own.
@@ -241,7 +261,7 @@ def run_benchmark(
     else:
         if pipe is None:
             pipe = build_pipeline(model, device, dtype, model_path)
-        sizes_resolved = [resolve_size(size, pipeline_geometry(pipe), model, device) for size in sizes]
+        sizes_resolved = [resolve_size(size, pipeline_geometry(pipe, model), model, device) for size in sizes]
 
     results = []
     with _quiet_diffusers(), torch.no_grad():
@@ -250,8 +270,8 @@ def run_benchmark(
             results.append(_measure_size(pipe, runners, configs_all, size, h, w, child_results, model=model, steps=steps,
                                          batch=batch, warmup=warmup, repeats=repeats, memory=memory, device=device,
                                          progress=progress))
-    report = {"meta": _meta(model, model_path, device, dtype, steps, batch, repeats, warmup, memory, seed, guidance_scale,
-                            pag_scale, prompt, threads),
+    report = {"meta": dict(_meta(model, model_path, device, dtype, steps, batch, repeats, warmup, memory, seed, guidance_scale,
+                                 pag_scale, prompt, threads), peers_unavailable=unavailable),
               "results": results}
     if json_path is not None:
         write_json(report, json_path)
@@ -301,7 +321,8 @@ def _print_profile(report: dict, model: str, method_list: list[str], batch: int,
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--model", type=click.Choice(MODELS), default="tiny", help="tiny (smoke), builtin (trained), sd15 / sdxl (real architectures, random weights).")
+@click.option("--model", type=click.Choice(MODELS), default="tiny", help="tiny (smoke), builtin (trained), sd15 / sdxl (real architectures, random weights), "
+                   "tiny-<family> (tiny random transformers: SD3, PixArt-Σ, HunyuanDiT, Sana, Flux).")
 @click.option("--model-path", type=click.Path(exists=True, file_okay=False), default=None, help="Diffusers folder for --model builtin [default: the package's built-in model].")
 @click.option("--steps", type=click.IntRange(1, 1000), default=3, help="Denoising steps per timed call.")
 @click.option("--batch", type=click.IntRange(1, 64), default=1, help="Images per call.")

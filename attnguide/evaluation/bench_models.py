@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("tiny", "builtin", "sd15", "sdxl")
+from .tiny_transformers import FAMILIES as TRANSFORMER_FAMILIES
+from .tiny_transformers import build_family
+
+# Transformer families at test size (random weights, CPU-sized): the engine's transformer paths, timed.
+TRANSFORMER_MODELS = tuple(f"tiny-{name}" for name in TRANSFORMER_FAMILIES)
+MODELS = ("tiny", "builtin", "sd15", "sdxl", *TRANSFORMER_MODELS)
 DTYPES = ("float32", "float16", "bfloat16")
 SD_TOKENS = 77  # CLIP's context length in SD 1.x / SDXL: the token count of every cross-attention map
 
@@ -157,7 +162,8 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "float
 
     tiny: the test suite's tiny random model (smoke tests). builtin: the package's trained model
     (or the diffusers folder ``model_path``). sd15 / sdxl: Stable Diffusion 1.5 / SDXL architectures
-    with random weights (no download; timing does not depend on weights).
+    with random weights (no download; timing does not depend on weights). tiny-sd3, tiny-pixart-sigma,
+    tiny-hunyuan-dit, tiny-sana, tiny-flux: the test suite's tiny random transformer pipelines.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -177,7 +183,9 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "float
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
-    if model == "sdxl":
+    if model in TRANSFORMER_MODELS:
+        pipe = build_family(transformer_family(model).name)
+    elif model == "sdxl":
         pipe = StableDiffusionXLPipeline(**_sdxl_components())
     else:
         pipe = StableDiffusionPipeline(**(tiny_sd_components() if model == "tiny" else _sd15_components()))
@@ -186,10 +194,18 @@ def build_pipeline(model: str = "tiny", device: str = "cpu", dtype: str = "float
     return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
 
 
-def pipeline_geometry(pipe) -> tuple[int, int]:
-    """(native image size, the multiple every image side must be) of a built pipeline."""
-    vae_factor = int(pipe.vae_scale_factor)
-    return pipe.unet.config.sample_size * vae_factor, vae_factor * 2 ** (len(pipe.unet.config.up_block_types) - 1)
+def transformer_family(model: str):
+    """The ``tiny_transformers`` family of a ``tiny-NAME`` model, else None."""
+    return TRANSFORMER_FAMILIES.get(model[len("tiny-"):]) if model in TRANSFORMER_MODELS else None
+
+
+def pipeline_geometry(pipe, model: str | None = None) -> tuple[int, int]:
+    """(native image size, the multiple every image side must be) of a built pipeline (a tiny
+    transformer family's native size is its test size)."""
+    from attnguide.sampling import default_size, size_multiple
+
+    family = transformer_family(model or "")
+    return (family.size if family else default_size(pipe)), size_multiple(pipe)
 
 
 def config_geometry(model: str, model_path: str | Path | None) -> tuple[int, int]:
@@ -200,6 +216,8 @@ def config_geometry(model: str, model_path: str | Path | None) -> tuple[int, int
         return 512, 64
     if model == "sdxl":
         return 1024, 32
+    if model in TRANSFORMER_MODELS:  # tiny: building it is the simplest way to read its geometry
+        return pipeline_geometry(build_pipeline(model), model)
     from attnguide.pipelines import builtin_model_path
 
     path = Path(model_path) if model_path is not None else builtin_model_path()

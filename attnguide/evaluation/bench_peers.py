@@ -4,7 +4,8 @@ layer, the cost model of the S-CFG reference implementation)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -108,6 +109,7 @@ class RunSettings:
     seed: int = 0
     guidance_scale: float = DEFAULTS["guidance_scale"]
     pag_scale: float = DEFAULTS["pag_scale"]
+    call_kwargs: dict = field(default_factory=dict)  # the pipeline's own extra arguments (tiny transformers)
 
 
 @dataclass
@@ -125,11 +127,39 @@ def is_sdxl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
+def _transformer_family(pipe):
+    """The ``tiny_transformers`` family of a transformer pipeline (by its class), else None."""
+    from .tiny_transformers import FAMILIES
+
+    return next((f for f in FAMILIES.values() if f.pipeline == type(pipe).__name__), None)
+
+
+def peers_for(model: str) -> tuple[str, ...]:
+    """The peers that exist for ``model``: all four on U-Nets; on a tiny transformer family diffusers'
+    plain pipeline, and its PAG class where diffusers has one (HunyuanDiT's crashes without CFG);
+    ``unfused-scfg`` models the U-Net reference code only."""
+    from .bench_models import transformer_family
+
+    family = transformer_family(model)
+    if family is None:
+        return PEER_NAMES
+    pag = () if family.pag_pipeline is None else ("diffusers-cfg+pag",) if family.name == "hunyuan-dit" else ("diffusers-pag", "diffusers-cfg+pag")
+    return ("diffusers-cfg", *pag)
+
+
 def _peer_pipelines(pipe) -> tuple[Any, Any]:
-    """diffusers' plain and PAG pipelines sharing ``pipe``'s components (no copies)."""
+    """diffusers' plain and PAG pipelines sharing ``pipe``'s components (no copies); the PAG one is
+    None where diffusers has none."""
     from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline, StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
 
     components = dict(pipe.components)
+    family = _transformer_family(pipe)
+    if family is not None:
+        from .tiny_transformers import pipeline_from
+
+        plain = pipeline_from(family.pipeline, components)
+        pag = pipeline_from(family.pag_pipeline, components, pag_applied_layers=[family.pag_layers]) if family.pag_pipeline else None
+        return plain, pag
     if is_sdxl(pipe):
         plain = StableDiffusionXLPipeline(**components)
         pag = StableDiffusionXLPAGPipeline(**components, pag_applied_layers="mid")
@@ -139,6 +169,22 @@ def _peer_pipelines(pipe) -> tuple[Any, Any]:
     for p in (plain, pag):
         p.set_progress_bar_config(disable=True)
     return plain, pag
+
+
+def _step_reporting_scheduler(pipe, on_step: Callable[[int], None]):
+    """A copy of ``pipe``'s scheduler that reports the end of every step (after its ``step``), where
+    the peers' ``callback_on_step_end`` reports it: the same step boundary for every configuration,
+    also where a step makes two denoiser calls (Flux's true CFG)."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    step, count = scheduler.step, iter(range(10**9))
+
+    def reporting_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        on_step(next(count))
+        return out
+
+    scheduler.step = reporting_step
+    return scheduler
 
 
 def make_runners(pipe, settings: RunSettings, methods: Sequence[str] = METHOD_NAMES, peers: Sequence[str] = PEER_NAMES) -> list[Runner]:
@@ -159,13 +205,17 @@ def make_runners(pipe, settings: RunSettings, methods: Sequence[str] = METHOD_NA
                 generate(pipe, [s.prompt], method=method, guidance_scale=s.guidance_scale, pag_scale=s.pag_scale,
                          pag_layers="mid", num_inference_steps=steps, height=height, width=width,
                          num_images_per_prompt=s.batch, seed=s.seed, output_type="pt", progress=False,
-                         callback=lambda info: on_step(info.step))
+                         scheduler=_step_reporting_scheduler(pipe, on_step), pipeline_kwargs=s.call_kwargs or None)
         return run
 
     def theirs(peer, cfg: bool, pag: bool):
         def run(steps: int, height: int, width: int, on_step: Callable[[int], None]) -> None:
-            kwargs = {"pag_scale": s.pag_scale} if pag else {}
-            peer(s.prompt, num_inference_steps=steps, guidance_scale=s.guidance_scale if cfg else 1.0, height=height,
+            kwargs = dict(s.call_kwargs, **({"pag_scale": s.pag_scale} if pag else {}))
+            w = s.guidance_scale if cfg else 1.0
+            if "true_cfg_scale" in inspect.signature(type(peer).__call__).parameters:  # Flux: CFG is true CFG
+                kwargs.update(true_cfg_scale=w, negative_prompt="" if cfg else None)
+                w = 1.0
+            peer(s.prompt, num_inference_steps=steps, guidance_scale=w, height=height,
                  width=width, num_images_per_prompt=s.batch, output_type="pt",
                  generator=[torch.Generator().manual_seed(s.seed + i) for i in range(s.batch)],
                  callback_on_step_end=lambda _pipe, i, _t, _kw: (on_step(i), {})[1], **kwargs)
@@ -174,6 +224,10 @@ def make_runners(pipe, settings: RunSettings, methods: Sequence[str] = METHOD_NA
     runners = [Runner(m, "attnguide", BRANCHES[m], ours(m)) for m in methods]
     if peers:
         plain, pag = _peer_pipelines(pipe)
+        family = _transformer_family(pipe)
+        missing = [p for p in peers if p not in peers_for(f"tiny-{family.name}" if family else "tiny")]
+        if missing:
+            raise ValueError(f"peers: {missing} do not exist for {type(pipe).__name__}")
         table = {
             "diffusers-cfg": theirs(plain, True, False),
             "diffusers-pag": theirs(pag, False, True),

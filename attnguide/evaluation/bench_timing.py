@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..transformer_attention import denoiser
 from .bench_models import build_pipeline
 from .bench_peers import BRANCHES, METHOD_NAMES, PEER_NAMES, Runner, RunSettings, make_runners
 
@@ -50,12 +51,21 @@ def timed_run(pipe, runner: Runner, steps: int, height: int, width: int, device:
         if cuda and i == steps - 1:
             memory["denoise_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
+    # A step may call the denoiser twice (Flux's true CFG: the negative prompt's call); the step's
+    # denoiser time runs from its first call's start to its last call's end.
     def on_unet(*_) -> None:
-        cpu_starts.append(time.process_time())
-        starts.append(_now(device))
+        if len(starts) == len(ends):
+            cpu_starts.append(time.process_time())
+            starts.append(_now(device))
 
-    handles = [pipe.unet.register_forward_pre_hook(on_unet),
-               pipe.unet.register_forward_hook(lambda *_: unet_ends.append(_now(device)))]
+    def on_unet_end(*_) -> None:
+        if len(unet_ends) > len(ends):
+            unet_ends[-1] = _now(device)
+        else:
+            unet_ends.append(_now(device))
+
+    model = denoiser(pipe)
+    handles = [model.register_forward_pre_hook(on_unet), model.register_forward_hook(on_unet_end)]
     try:
         t0 = _now(device)
         runner.run(steps, height, width, on_step)

@@ -3,6 +3,7 @@ reports finite positive numbers and writes valid JSON. No timing assertions."""
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
 from attnguide.cli import main
@@ -35,6 +36,23 @@ def test_bench_smoke(tmp_path):
     for name in METHOD_NAMES + PEER_NAMES:
         assert f"| {name} |" in result.output
     assert format_report(report) in result.output
+
+
+@pytest.mark.parametrize("model, peers", [
+    ("tiny-sd3", {"diffusers-cfg", "diffusers-pag", "diffusers-cfg+pag"}),
+    ("tiny-flux", {"diffusers-cfg"}),  # diffusers has no Flux PAG class
+])
+def test_bench_runs_transformer_families(model, peers):
+    from attnguide.evaluation.bench import run_benchmark
+
+    report = run_benchmark(model, steps=2, repeats=1, warmup=0, memory="shared", progress=False)
+    (res,) = report["results"]
+    assert set(res["configs"]) == set(METHOD_NAMES) | peers
+    assert set(report["meta"]["peers_unavailable"]) == set(PEER_NAMES) - peers
+    for name, c in res["configs"].items():
+        # one step end per step, also where Flux's true CFG calls the transformer twice per step
+        assert len(c["step_s"]) == 2 and all(_positive(s) for s in c["step_s"]) and _positive(c["unet_ms"]), name
+        assert _positive(c["memory"]["denoise_peak_mb"]), name
 
 
 def test_segment_bench_smoke(tmp_path):
