@@ -27,6 +27,8 @@ def model_info(pipe) -> ModelInfo:
     from ..engine import DEFAULT_PAG_LAYERS, default_levels
     from ..pipelines import recommended_settings
 
+    if getattr(pipe, "unet", None) is None:
+        return _transformer_info(pipe)
     layers = attention.list_layers(pipe.unet)
     self_layers = tuple(lay.name for lay in layers if not lay.is_cross)
     defaults = tuple(n for n in self_layers if n.split(".")[0] in {"mid_block", *DEFAULT_PAG_LAYERS}) or self_layers[:1]
@@ -37,6 +39,20 @@ def model_info(pipe) -> ModelInfo:
         chosen = ()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return ModelInfo(self_layers, defaults, levels, chosen, int(size), recommended_settings(pipe))
+
+
+def _transformer_info(pipe) -> ModelInfo:
+    """A transformer denoiser: PAG's choices are its perturbable layers (self, joint, single-stream);
+    S-CFG has no levels to choose (every block sees the same token grid)."""
+    from .. import transformer_attention as tx
+    from ..engine import DEFAULT_PAG_LAYERS
+    from ..pipelines import recommended_settings
+    from ..sampling import default_size
+
+    model = pipe.transformer
+    self_layers = tuple(lay.name for lay in tx.list_layers(model) if lay.kind in tx.PERTURBABLE)
+    defaults = tuple(tx.select_self_attention(model, DEFAULT_PAG_LAYERS)) if self_layers else ()
+    return ModelInfo(self_layers, defaults, (), (), int(default_size(pipe)), recommended_settings(pipe))
 
 
 @dataclass

@@ -99,6 +99,26 @@ def test_comparison_equals_generate_pixel_for_pixel(sd_pipe):
     assert "| scfg+pag |" in result.summary() and "U-Net evaluations" in result.summary()
 
 
+def test_transformer_model_lists_its_layers_and_compares():
+    from conftest import pipeline_from
+
+    from attnguide import generate
+    from attnguide.evaluation.tiny_transformers import FAMILIES
+    from attnguide.ui.compare import model_info, run_comparison
+
+    pipe = pipeline_from("StableDiffusion3Pipeline", FAMILIES["sd3"].build())
+    info = model_info(pipe)
+    assert info.self_layers == ("transformer_blocks.0.attn", "transformer_blocks.1.attn", "transformer_blocks.2.attn")
+    assert info.default_layers == ("transformer_blocks.1.attn",) and info.levels == () and info.size == 16
+    request = parse_request(Bounds(), **form(seeds="3", steps=2, width=16, height=16, methods=["scfg+pag"],
+                                             pag_layers=list(info.default_layers), allowed_layers=info.self_layers,
+                                             allowed_levels=info.levels))
+    (item,) = run_comparison(pipe, request, lambda *args: None).results
+    direct = generate(pipe, "a red circle", method="scfg+pag", guidance_scale=5.0, pag_scale=2.0, pag_layers=list(info.default_layers),
+                      num_inference_steps=2, height=16, width=16, seed=[3], progress=False)
+    assert np.array_equal(np.asarray(item.images[0]), np.asarray(direct.images[0])) and item.masks.steps
+
+
 def test_page_handler_reports_errors_without_traceback(sd_pipe, caplog):
     pytest.importorskip("gradio")
     from attnguide.ui.app import launch_kwargs, make_app
