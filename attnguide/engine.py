@@ -35,6 +35,7 @@ import torch
 from . import attention, segmentation
 from . import transformer_attention as tx
 from .guidance import GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
+from .pipeline_call import check_pipe, instance_patch, prompt_tokens, read_call_locals, token_grid, tokens_as_grid, true_cfg_batch
 from .rows import frames_as_rows, map_rows, rows_as_frames
 
 DEFAULT_PAG_LAYERS = ("mid",)
@@ -76,42 +77,6 @@ def default_levels(pipe) -> tuple[int, ...]:
     return tuple(levels) if levels else attention.default_scfg_levels(pipe.unet)
 
 
-def _check_pipe(pipe) -> None:
-    model = tx.denoiser(pipe)
-    if model is None:
-        raise ValueError(
-            f"pipe must be a diffusers U-Net or transformer pipeline (it needs a .unet or a .transformer); "
-            f"{type(pipe).__name__} has neither"
-        )
-    if hasattr(pipe, "do_perturbed_attention_guidance") or hasattr(pipe, "set_pag_applied_layers"):
-        raise ValueError(
-            f"pipe is diffusers' PAG pipeline {type(pipe).__name__}, which runs its own PAG; use the plain "
-            "pipeline class (e.g. StableDiffusionPipeline.from_pipe(pipe)) with attnguide.guide"
-        )
-    if getattr(pipe, "unet", None) is None:
-        if not tx.is_transformer(model):
-            raise ValueError(f"pipe.transformer ({type(model).__name__}) is not a supported diffusers transformer denoiser")
-        return  # transformer pipelines: the batch layout is read per call (_Engine._pipeline_cfg)
-    if not hasattr(type(pipe), "do_classifier_free_guidance"):
-        raise ValueError(
-            f"pipe {type(pipe).__name__} has no do_classifier_free_guidance, so the engine cannot tell which "
-            "rows of its batch are unconditional"
-        )
-
-
-def _prompt_tokens(pipe, prompts: list[str] | None, images: int, tokenizer_name: str = "tokenizer") -> list[list[str]]:
-    """Token strings of every image's prompt (names for the mask legend), from the tokenizer whose
-    tokens the attention reads."""
-    tokenizer = getattr(pipe, tokenizer_name, None) or getattr(pipe, "tokenizer", None)
-    if not prompts or tokenizer is None:
-        return [[] for _ in range(images)]
-    length = min(int(tokenizer.model_max_length), 512)  # T5/BERT tokenizers may report a huge model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-    tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]
-    per_prompt = max(1, images // len(tokens))
-    return [t for t in tokens for _ in range(per_prompt)][:images]
-
-
 class _Engine:
     """State of one ``guide`` block: the configuration and the current pipeline call."""
 
@@ -148,7 +113,7 @@ class _Engine:
         """A transformer denoiser (SD3, PixArt-Σ, Sana, HunyuanDiT, Flux): layers from ``transformer_attention``."""
         model, pipe = self.unet, self.pipe
         # Flux runs its true CFG as a second transformer call per step (negative prompt); the engine
-        # batches both into the first call and answers the second from it (``_true_cfg_inputs``).
+        # batches both into the first call and answers the second from it (``pipeline_call.true_cfg_batch``).
         self.separate_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
         self.negative_answer = None
         needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
@@ -239,7 +204,7 @@ class _Engine:
         if separate and inputs.get("encoder_hidden_states") is self.call_locals["negative_prompt_embeds"]:
             return self._negative_call(inputs.get("return_dict", True))
         if separate:
-            inputs = self._true_cfg_inputs(inputs)
+            inputs = true_cfg_batch(self.pipe, inputs, self.call_locals, self.sample_key, self.shared_inputs)
         sample = inputs[self.sample_key]
         config = self._config()
         layout = self._input_branches(config)
@@ -266,7 +231,7 @@ class _Engine:
         frames = noise.shape[2] if noise.ndim == 5 else 0
         predictions = dict(zip(plan.branches, frames_as_rows(noise).chunk(len(plan.branches))))
         # Flux packs latents into tokens (B, N, C): S-CFG works on their (h, w) grid.
-        grid = _token_grid(inputs, noise.shape[1]) if noise.ndim == 3 and (sources or plan.scfg) else None
+        grid = token_grid(inputs, noise.shape[1]) if noise.ndim == 3 and (sources or plan.scfg) else None
         seg = rate = None
         if sources:
             seg = segmentation.segment_records(self.taps, sources, self.seg_pairs, grid or tuple(noise.shape[-2:]), config.scfg)
@@ -275,7 +240,7 @@ class _Engine:
             eps = slice(None, self.eps_channels)  # learned-sigma transformers: ε channels only
             uncond, cond = predictions["uncond"], predictions["cond"]
             if grid:
-                uncond, cond = _tokens_as_grid(uncond, grid), _tokens_as_grid(cond, grid)
+                uncond, cond = tokens_as_grid(uncond, grid), tokens_as_grid(cond, grid)
             rate = segmentation.scfg_rate(
                 uncond[:, eps], cond[:, eps], seg, config.guidance_scale, opts.rate_min, opts.rate_max, opts.cap,
                 opts.smoothing,
@@ -309,23 +274,6 @@ class _Engine:
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
-    def _true_cfg_inputs(self, inputs: dict) -> dict:
-        """Flux's conditional call turned into an [uncond, cond] batch: the negative prompt's embeddings
-        (read from the pipeline call) in the first half, every other per-row input repeated."""
-        negatives = self.call_locals
-        batch = inputs[self.sample_key].shape[0]
-        twice = torch.cat([torch.arange(batch)] * 2)
-        doubled = {k: (map_rows(v, twice, batch, 1) if (k != "timestep" or torch.is_tensor(v)) and k not in self.shared_inputs else v)
-                   for k, v in inputs.items()}
-        for key, local in (("encoder_hidden_states", "negative_prompt_embeds"), ("pooled_projections", "negative_pooled_prompt_embeds")):
-            if inputs.get(key) is not None:
-                doubled[key] = torch.cat([negatives[local], inputs[key]])
-        text_ids = negatives.get("negative_text_ids")
-        if text_ids is not None and inputs.get("txt_ids") is not None and not torch.equal(text_ids, inputs["txt_ids"]):
-            raise ValueError(f"{type(self.pipe).__name__}: the negative prompt's text ids differ from the prompt's, so the "
-                             "two cannot share one batch; give prompt and negative prompt the same max_sequence_length")
-        return doubled
-
     def _negative_call(self, return_dict: bool):
         """The pipeline's negative-prompt call of a step: answered with the step's ε̂ (computed by the
         conditional call), so its ``neg + w(cond − neg)`` is exactly ε̂; no transformer evaluation."""
@@ -342,69 +290,10 @@ class _Engine:
             if self.run.masks is None:
                 # Flux's attention reads the T5 tokens (tokenizer_2); the others' first tokens are CLIP's.
                 tokenizer = "tokenizer_2" if self.transformer and self.separate_cfg else "tokenizer"
-                self.run.masks = segmentation.MaskSet(_prompt_tokens(self.pipe, self.prompts, chunk, tokenizer))
+                self.run.masks = segmentation.MaskSet(prompt_tokens(self.pipe, self.prompts, chunk, tokenizer))
             self.run.masks.steps[step] = (seg.labels.cpu(), seg.foreground[:, 0].cpu())
         if self.callback is not None:
             self.callback(StepInfo(step, timestep, plan, predictions, guided, seg, rate))
-
-
-_CALL_LOCALS = ("guidance_scale", "do_classifier_free_guidance", "skip_guidance_layers", "do_true_cfg", "true_cfg_scale",
-                "negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_text_ids", "image_embeds",
-                "negative_image_embeds")
-
-
-def _read_call_locals(engine: _Engine, frame) -> None:
-    """What a transformer pipeline keeps only in locals of its ``__call__`` (read from the frame that
-    opens the progress bar, right before denoising): PixArt-Σ's CFG flag and w; Flux's true CFG (flag,
-    w and the negative prompt's embeddings, which the engine batches into the conditional call); SD3's
-    skip-layer guidance (a second, differently batched transformer call per step: refused)."""
-    engine.call_locals = {k: frame.f_locals[k] for k in _CALL_LOCALS if frame is not None and k in frame.f_locals}
-    engine.negative_answer = None
-    if engine.call_locals.get("do_true_cfg"):
-        if engine.call_locals.get("negative_prompt_embeds") is None:
-            raise ValueError(f"{type(engine.pipe).__name__} runs true CFG, but attnguide cannot find its negative prompt's "
-                             "embeddings (negative_prompt_embeds) to batch with the prompt; call it with true_cfg_scale=1")
-        if engine.call_locals.get("image_embeds") is not None or engine.call_locals.get("negative_image_embeds") is not None:
-            raise ValueError(f"{type(engine.pipe).__name__}: true CFG with an IP-Adapter image sets different image "
-                             "embeddings for the two calls, which attnguide cannot batch; call it with true_cfg_scale=1")
-    if engine.call_locals.get("skip_guidance_layers") is not None:
-        raise ValueError(
-            f"{type(engine.pipe).__name__}'s skip_guidance_layers runs a second transformer call per step, which "
-            "attnguide cannot combine with its guidance; call it with skip_guidance_layers=None"
-        )
-
-
-def _token_grid(inputs: dict, tokens: int) -> tuple[int, int]:
-    """The (h, w) grid of Flux's packed latent tokens, from their position ids (``img_ids``: row, column)."""
-    ids = inputs.get("img_ids")
-    if ids is None:
-        raise ValueError("S-CFG on packed latent tokens needs the denoiser's img_ids (their grid positions)")
-    ids = ids.reshape(-1, ids.shape[-1])[-tokens:]
-    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-    if h * w != tokens:
-        raise ValueError(f"S-CFG needs the image tokens to form one grid; img_ids give {h}x{w} for {tokens} tokens "
-                         "(extra reference-image tokens are not supported)")
-    return h, w
-
-
-def _tokens_as_grid(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, C) tokens in row-major grid order as a (B, C, h, w) map."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-@contextlib.contextmanager
-def instance_patch(obj, name: str, value) -> Iterator[None]:
-    """Set ``obj.name`` on the instance for the block; afterwards the attribute is as before."""
-    had = name in vars(obj)
-    old = vars(obj).get(name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if had:
-            setattr(obj, name, old)
-        else:
-            delattr(obj, name)
 
 
 @contextlib.contextmanager
@@ -459,7 +348,7 @@ def guide(
     (method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
      callback) = check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
                                        scfg, return_masks, mask_steps, callback, DEFAULT_PAG_LAYERS)
-    _check_pipe(pipe)
+    check_pipe(pipe)
     engine = _Engine(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
                      scfg or SCFGOptions(), return_masks, mask_steps, callback)
     unet = engine.unet
@@ -474,7 +363,8 @@ def guide(
         # Every diffusers pipeline opens its progress bar right before its denoising loop.
         engine._new_call(total if total is not None else (len(iterable) if iterable is not None else None))
         if engine.transformer:
-            _read_call_locals(engine, sys._getframe(1))
+            engine.call_locals = read_call_locals(pipe, sys._getframe(1))
+            engine.negative_answer = None
         return original_bar(iterable=iterable, total=total)
 
     encode_prompt = getattr(pipe, "encode_prompt", None)

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from conftest import sd_components
 
 from attnguide import attention
-from attnguide.engine import guide, instance_patch
+from attnguide.engine import guide
 from attnguide.evaluation import bench
 from attnguide.guidance import METHODS, REGISTRY
+from attnguide.pipeline_call import instance_patch
 
 LATENT, TOKENS = (16, 16), 24  # conftest's tiny U-Net: 32-pixel images, the built-in tokenizer's 24 tokens
 
