@@ -260,68 +260,20 @@ def generate(
      callback) = validation.check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window,
                                                   guidance_rescale, scfg, return_masks, mask_steps, callback,
                                                   DEFAULT_PAG_LAYERS, limits)
-    prompts = validation.string_or_strings("prompt", prompt)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = validation.string_or_strings("negative_prompt", negative_prompt)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt must have one entry per prompt: {len(negatives)} given for {len(prompts)} prompts")
-        if not uses.uses_cfg:
-            raise ValueError(f"negative_prompt has no effect with method {method!r}, which has no unconditional branch; "
-                             "drop it or use a method with CFG (cfg, cfg+pag, scfg, scfg+pag)")
-    num_inference_steps = validation.integer("num_inference_steps", num_inference_steps, minimum=1,
-                                             maximum=limits.max_steps, hint=" (attnguide.Limits.max_steps bounds it)")
-    num_images_per_prompt = validation.integer("num_images_per_prompt", num_images_per_prompt, minimum=1,
-                                               maximum=limits.max_images, hint=" (attnguide.Limits.max_images bounds it)")
+    prompts, negatives = _check_prompts(prompt, negative_prompt, method)
+    num_inference_steps, num_images_per_prompt = _check_counts(num_inference_steps, num_images_per_prompt, len(prompts), limits)
     batch = len(prompts) * num_images_per_prompt
-    if batch > limits.max_images:
-        raise ValueError(f"num_images_per_prompt: {len(prompts)} prompts x {num_images_per_prompt} images = {batch} images "
-                         f"in one call, more than attnguide.Limits.max_images = {limits.max_images}")
     validation.choice("output_type", output_type, ("pil", "np", "pt", "latent"))
     progress = validation.flag("progress", progress)
     strength = validation.number("strength", strength, minimum=0.0, maximum=1.0, min_open=True)
     eta = validation.number("eta", eta, minimum=0.0, maximum=1.0)
     clip_skip = _check_clip_skip(pipe, clip_skip)
     _check_scheduler(scheduler)
-    if mask_image is not None and image is None:
-        raise ValueError("mask_image needs image (the picture to inpaint)")
-    image, mask_image = _open_image(image, "image"), _open_image(mask_image, "mask_image")
-    if image is not None and mask_image is None:
-        for name, value in (("height", height), ("width", width)):
-            if value is not None:
-                raise ValueError(f"{name}: img2img makes images of the size of image ({image.size[0]}x{image.size[1]}); "
-                                 "resize image instead of passing height/width")
-        _check_pixels("image", image.size[1], image.size[0], limits)
-    native = default_size(pipe)
-    height = native if height is None else height
-    width = native if width is None else width
-    height, width = _check_size(pipe, height, width)
-    if image is None or mask_image is not None:
-        _check_pixels("height", height, width, limits)
-    denoising_steps = num_inference_steps
-    if image is not None:
-        denoising_steps = min(int(num_inference_steps * strength), num_inference_steps)
-        if denoising_steps < 1:
-            raise ValueError(f"strength: {strength:g} x {num_inference_steps} steps leaves no denoising step; "
-                             "raise strength or num_inference_steps")
-    for name, win, used in (("cfg_window", cfg_window, uses.uses_cfg), ("pag_window", pag_window, uses.pag)):
-        if used and not validation.steps_in_window(win, denoising_steps):
-            raise ValueError(f"{name} {win} contains none of the {denoising_steps} denoising steps (step i sits at "
-                             f"fraction i/{denoising_steps}), so method {method!r} would never apply it; widen it")
-    if mask_steps is not None and any(s >= denoising_steps for s in mask_steps):
-        raise ValueError(f"mask_steps must lie in [0, {denoising_steps}), got {list(mask_steps)!r}")
+    image, mask_image, height, width = _check_images(pipe, image, mask_image, height, width, limits)
+    denoising_steps = _denoising_steps(image, strength, num_inference_steps)
+    _check_step_options(method, cfg_window, pag_window, mask_steps, denoising_steps)
     generators = _generators(seed, generator, batch)
-    if pipeline_kwargs is not None:
-        if not isinstance(pipeline_kwargs, dict) or not all(isinstance(k, str) for k in pipeline_kwargs):
-            raise TypeError(f"pipeline_kwargs must be a dict of keyword arguments, got {pipeline_kwargs!r}")
-        own = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "generator",
-               "eta", "clip_skip", "output_type", "callback_on_step_end", "height", "width", "image", "strength", "mask_image",
-               "true_cfg_scale"}
-        clash = sorted(own & set(pipeline_kwargs))
-        if clash:
-            raise ValueError(f"pipeline_kwargs: {clash} are arguments of generate itself; pass them directly")
+    _check_pipeline_kwargs(pipeline_kwargs)
     if _check_only:
         return None
 
@@ -329,23 +281,11 @@ def generate(
     sched = scheduler if scheduler is not None else type(pipe.scheduler).from_config(pipe.scheduler.config)
     work = _working_pipeline(pipe, sched, image, mask_image)
     work.set_progress_bar_config(disable=not progress, desc=f"sampling ({method})")
-    kwargs = dict(
-        prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale if uses.uses_cfg or _distilled(pipe) else 1.0, num_images_per_prompt=num_images_per_prompt,
-        generator=generators, eta=eta, clip_skip=clip_skip, output_type=output_type,
-        callback_on_step_end=_check_latents,
-    )
-    if image is None or mask_image is not None:
-        kwargs.update(height=height, width=width)
-    if image is not None:
-        kwargs.update(image=image, strength=strength)
-    if mask_image is not None:
-        kwargs["mask_image"] = mask_image
-    if _separate_cfg(work) and uses.uses_cfg:
-        # Flux: CFG's w is true_cfg_scale, which needs a negative prompt; the embedded (distilled)
-        # guidance keeps the pipeline's default.
-        kwargs.update(true_cfg_scale=kwargs.pop("guidance_scale"), negative_prompt=negatives or [""] * len(prompts))
-    kwargs = _call_kwargs(work, kwargs)
+    kwargs = _pipeline_arguments(
+        pipe, work, method, prompts=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generators, eta=eta,
+        clip_skip=clip_skip, output_type=output_type, image=image, strength=strength, mask_image=mask_image,
+        height=height, width=width)
     kwargs.update(pipeline_kwargs or {})
     with validation.using_limits(limits), guide(
         work, method, pag_scale=pag_scale, pag_layers=pag_layers, cfg_window=cfg_window, pag_window=pag_window,
@@ -357,6 +297,110 @@ def generate(
         images = images.float()
     return GenerationResult(images=images, masks=run.masks, unet_evaluations=run.unet_evaluations,
                             branches_per_step=run.branches_per_step)
+
+
+def _check_prompts(prompt, negative_prompt, method: str) -> tuple[list[str], list[str] | None]:
+    """The prompts, and the negative prompts (one per prompt) where given; a negative prompt needs CFG."""
+    prompts = validation.string_or_strings("prompt", prompt)
+    if negative_prompt is None:
+        return prompts, None
+    negatives = validation.string_or_strings("negative_prompt", negative_prompt)
+    if len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"negative_prompt must have one entry per prompt: {len(negatives)} given for {len(prompts)} prompts")
+    if not REGISTRY[method].uses_cfg:
+        raise ValueError(f"negative_prompt has no effect with method {method!r}, which has no unconditional branch; "
+                         "drop it or use a method with CFG (cfg, cfg+pag, scfg, scfg+pag)")
+    return prompts, negatives
+
+
+def _check_counts(steps, images_per_prompt, prompts: int, limits: Limits) -> tuple[int, int]:
+    """Steps and images per prompt, within ``limits`` (also the images of the whole call)."""
+    steps = validation.integer("num_inference_steps", steps, minimum=1, maximum=limits.max_steps,
+                               hint=" (attnguide.Limits.max_steps bounds it)")
+    images_per_prompt = validation.integer("num_images_per_prompt", images_per_prompt, minimum=1,
+                                           maximum=limits.max_images, hint=" (attnguide.Limits.max_images bounds it)")
+    if prompts * images_per_prompt > limits.max_images:
+        raise ValueError(f"num_images_per_prompt: {prompts} prompts x {images_per_prompt} images = {prompts * images_per_prompt} "
+                         f"images in one call, more than attnguide.Limits.max_images = {limits.max_images}")
+    return steps, images_per_prompt
+
+
+def _check_images(pipe, image, mask_image, height, width, limits: Limits) -> tuple:
+    """(image, mask_image, height, width): the opened images and the output size. img2img takes the
+    size of ``image``; text-to-image and inpainting the given or native size."""
+    if mask_image is not None and image is None:
+        raise ValueError("mask_image needs image (the picture to inpaint)")
+    image, mask_image = _open_image(image, "image"), _open_image(mask_image, "mask_image")
+    if image is not None and mask_image is None:
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                raise ValueError(f"{name}: img2img makes images of the size of image ({image.size[0]}x{image.size[1]}); "
+                                 "resize image instead of passing height/width")
+        _check_pixels("image", image.size[1], image.size[0], limits)
+    native = default_size(pipe)
+    height, width = _check_size(pipe, native if height is None else height, native if width is None else width)
+    if image is None or mask_image is not None:
+        _check_pixels("height", height, width, limits)
+    return image, mask_image, height, width
+
+
+def _denoising_steps(image, strength: float, steps: int) -> int:
+    """The steps that denoise: all of them, or img2img's/inpainting's ``strength`` share."""
+    if image is None:
+        return steps
+    denoising = min(int(steps * strength), steps)
+    if denoising < 1:
+        raise ValueError(f"strength: {strength:g} x {steps} steps leaves no denoising step; raise strength or num_inference_steps")
+    return denoising
+
+
+def _check_step_options(method: str, cfg_window, pag_window, mask_steps, steps: int) -> None:
+    """Each term the method uses is active on at least one step; mask steps exist."""
+    uses = REGISTRY[method]
+    for name, win, used in (("cfg_window", cfg_window, uses.uses_cfg), ("pag_window", pag_window, uses.pag)):
+        if used and not validation.steps_in_window(win, steps):
+            raise ValueError(f"{name} {win} contains none of the {steps} denoising steps (step i sits at "
+                             f"fraction i/{steps}), so method {method!r} would never apply it; widen it")
+    if mask_steps is not None and any(s >= steps for s in mask_steps):
+        raise ValueError(f"mask_steps must lie in [0, {steps}), got {list(mask_steps)!r}")
+
+
+# Arguments of the pipeline call that generate sets itself.
+_OWN_PIPELINE_ARGUMENTS = frozenset({
+    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "generator", "eta",
+    "clip_skip", "output_type", "callback_on_step_end", "height", "width", "image", "strength", "mask_image", "true_cfg_scale",
+})
+
+
+def _check_pipeline_kwargs(pipeline_kwargs) -> None:
+    if pipeline_kwargs is None:
+        return
+    if not isinstance(pipeline_kwargs, dict) or not all(isinstance(k, str) for k in pipeline_kwargs):
+        raise TypeError(f"pipeline_kwargs must be a dict of keyword arguments, got {pipeline_kwargs!r}")
+    clash = sorted(_OWN_PIPELINE_ARGUMENTS & set(pipeline_kwargs))
+    if clash:
+        raise ValueError(f"pipeline_kwargs: {clash} are arguments of generate itself; pass them directly")
+
+
+def _pipeline_arguments(pipe, work, method: str, *, prompts, negative_prompt, guidance_scale, image, strength, mask_image,
+                        height, width, **common) -> dict:
+    """The keyword arguments of the workflow pipeline's call: w where the method has CFG (Flux: as
+    ``true_cfg_scale``, with "" as the default negative prompt; its embedded guidance keeps the
+    pipeline's default), the size only where the output size is free, the images of img2img/inpainting."""
+    cfg = REGISTRY[method].uses_cfg
+    kwargs = dict(common, prompt=prompts, negative_prompt=negative_prompt, callback_on_step_end=_check_latents,
+                  guidance_scale=guidance_scale if cfg or _distilled(pipe) else 1.0)
+    if image is None or mask_image is not None:
+        kwargs.update(height=height, width=width)
+    if image is not None:
+        kwargs.update(image=image, strength=strength)
+    if mask_image is not None:
+        kwargs["mask_image"] = mask_image
+    if _separate_cfg(work) and cfg:
+        kwargs.update(true_cfg_scale=kwargs.pop("guidance_scale"), negative_prompt=negative_prompt or [""] * len(prompts))
+    return _call_kwargs(work, kwargs)
 
 
 def _check_latents(pipe, step: int, timestep, tensors: dict) -> dict:
