@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from attnguide.evaluation.bench import METHOD_NAMES, PEER_NAMES
@@ -9,7 +10,9 @@ from attnguide.evaluation.bench import METHOD_NAMES, PEER_NAMES
 
 def test_gpu_bench_dry_run(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    # An unlimited budget: the dry run checks the script end to end; how long a point takes on a busy
+    # CPU (the budget's estimate) must not decide which points run.
+    env = dict(os.environ, OUT=str(tmp_path / "out"), BUDGET_S="1e9")
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -33,3 +36,12 @@ def test_gpu_bench_dry_run(tmp_path):
         assert p["unet"]["sdpa_calls"] == p["unet"]["sdpa_fused_kernels"] > 0 and p["unet"]["math_softmax"] == 0, name
     assert profile["pag"]["unet_x_cfg"] <= 1.0 and profile["cfg+pag"]["unet_x_cfg"] <= 1.5
     assert report["skipped"] == []
+
+
+def test_gpu_bench_starts_nothing_past_its_budget(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--out", str(tmp_path), "--dry-run",
+                           "--budget-s", "0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert report["points"] == [] and len(report["skipped"]) == 3
