@@ -179,7 +179,9 @@ def test_gpu_training_script_dry_run(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    # The script calls `python` and `attnguide`: those of the interpreter running the tests.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "OMP_NUM_THREADS": "1", "PATH": path}
     done = subprocess.run(["bash", str(root / "scripts" / "train_gpu.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     parts = sorted(out.glob("model.tar.part-*"))
