@@ -22,8 +22,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
     ARGS=(--device cuda --steps "${STEPS:-20000}" --batch "${BATCH:-1024}" --pool "${POOL:-100000}" --checkpoint-every 500 --max-minutes "$MINUTES")
 fi
-# Continue the newest model: the v2 checkpoint when the tree has one, else the shipped model.
-INIT="${INIT:-$( [ -f checkpoints/builtin-v2/model_index.json ] && echo checkpoints/builtin-v2 || echo attnguide/builtin/model )}"
+# Continue the shipped model (training resumes from any exported folder given as INIT).
+INIT="${INIT:-attnguide/builtin/model}"
 RUN="$(mktemp -d)/run"
 PYTHONUNBUFFERED=1 python -m attnguide.cli train --out "$RUN" --init-from "$INIT" \
     --lr "${LR:-3e-4}" --warmup 100 --grounding 0.1 "${ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40
