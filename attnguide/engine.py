@@ -35,7 +35,7 @@ import torch
 from . import attention, segmentation
 from . import transformer_attention as tx
 from .guidance import GuidanceConfig, SCFGOptions, StepPlan, combine, plan_step
-from .pipeline_call import check_pipe, instance_patch, prompt_tokens, read_call_locals, token_grid, tokens_as_grid, true_cfg_batch
+from .pipeline_call import check_pipe, instance_patch, prompt_tokens, read_call_locals, runs_separate_cfg, token_grid, tokens_as_grid, true_cfg_batch
 from .rows import frames_as_rows, map_rows, rows_as_frames
 
 DEFAULT_PAG_LAYERS = ("mid",)
@@ -114,7 +114,7 @@ class _Engine:
         model, pipe = self.unet, self.pipe
         # Flux runs its true CFG as a second transformer call per step (negative prompt); the engine
         # batches both into the first call and answers the second from it (``pipeline_call.true_cfg_batch``).
-        self.separate_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+        self.separate_cfg = runs_separate_cfg(pipe)
         self.negative_answer = None
         needs_attention = self.template.uses_pag or self.template.uses_scfg or return_masks
         if needs_attention and not tx.list_layers(model):

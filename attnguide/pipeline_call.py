@@ -125,3 +125,11 @@ def true_cfg_batch(pipe, inputs: dict, call_locals: dict, sample_key: str, share
         raise ValueError(f"{type(pipe).__name__}: the negative prompt's text ids differ from the prompt's, so the "
                          "two cannot share one batch; give prompt and negative prompt the same max_sequence_length")
     return doubled
+
+
+def runs_separate_cfg(pipe) -> bool:
+    """Whether the pipeline's CFG is a second denoiser call with the negative prompt (Flux's
+    ``true_cfg_scale``) instead of an [uncond, cond] batch."""
+    import inspect
+
+    return "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters

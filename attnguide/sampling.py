@@ -15,6 +15,7 @@ import torch
 from . import segmentation, validation
 from .engine import DEFAULT_PAG_LAYERS, StepInfo, guide
 from .guidance import METHODS, REGISTRY, SCFGOptions
+from .pipeline_call import runs_separate_cfg
 from .pipelines import resolve_settings
 from .transformer_attention import denoiser
 from .validation import Limits, NonFiniteError
@@ -92,13 +93,6 @@ def _check_pixels(name: str, height: int, width: int, limits: Limits) -> None:
     if height * width > limits.max_pixels:
         raise ValueError(f"{name}: {width}x{height} = {height * width} pixels is more than attnguide.Limits.max_pixels = "
                          f"{limits.max_pixels} (raise the limit to allow it)")
-
-
-def _separate_cfg(pipe) -> bool:
-    """A pipeline whose CFG is a second denoiser call with the negative prompt (Flux's ``true_cfg_scale``)."""
-    import inspect
-
-    return "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _distilled(pipe) -> bool:
@@ -398,7 +392,7 @@ def _pipeline_arguments(pipe, work, method: str, *, prompts, negative_prompt, gu
         kwargs.update(image=image, strength=strength)
     if mask_image is not None:
         kwargs["mask_image"] = mask_image
-    if _separate_cfg(work) and cfg:
+    if runs_separate_cfg(work) and cfg:
         kwargs.update(true_cfg_scale=kwargs.pop("guidance_scale"), negative_prompt=negative_prompt or [""] * len(prompts))
     return _call_kwargs(work, kwargs)
 

@@ -4,7 +4,6 @@ layer, the cost model of the S-CFG reference implementation)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -12,6 +11,7 @@ import torch
 
 from ..attention import processor_input, processor_output
 from ..guidance import DEFAULTS, METHODS, REGISTRY
+from ..pipeline_call import runs_separate_cfg
 
 METHOD_NAMES = METHODS
 PEER_NAMES = ("diffusers-cfg", "diffusers-pag", "diffusers-cfg+pag", "unfused-scfg")
@@ -212,7 +212,7 @@ def make_runners(pipe, settings: RunSettings, methods: Sequence[str] = METHOD_NA
         def run(steps: int, height: int, width: int, on_step: Callable[[int], None]) -> None:
             kwargs = dict(s.call_kwargs, **({"pag_scale": s.pag_scale} if pag else {}))
             w = s.guidance_scale if cfg else 1.0
-            if "true_cfg_scale" in inspect.signature(type(peer).__call__).parameters:  # Flux: CFG is true CFG
+            if runs_separate_cfg(peer):  # Flux: CFG is true CFG
                 kwargs.update(true_cfg_scale=w, negative_prompt="" if cfg else None)
                 w = 1.0
             peer(s.prompt, num_inference_steps=steps, guidance_scale=w, height=height,
