@@ -101,20 +101,10 @@ def _modular_runner(pipe, settings, device):
 
 
 def _tiny_sdxl(device: str, dtype: str):
-    """A tiny SDXL-shaped pipeline (two text encoders, added conditions) for the dry run."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    """The test suite's tiny SDXL-shaped pipeline (two text encoders, added conditions) for the dry run."""
+    from diffusers import StableDiffusionXLPipeline
 
-    torch.manual_seed(0)
-    tokenizer = bench_models.sd_tokenizer(24)
-    unet = UNet2DConditionModel(**dict(bench.UNET_CONFIGS["tiny"], cross_attention_dim=64, addition_embed_type="text_time",
-                                       addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
-                        mid_block_add_attention=False).eval()
-    pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=bench_models.clip_text(len(tokenizer), 32, 2, 2, 64, 24),
-        text_encoder_2=bench_models.clip_text(len(tokenizer), 32, 2, 2, 64, 24, projection=32), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, scheduler=bench_models.make_scheduler(), force_zeros_for_empty_prompt=True)
+    pipe = StableDiffusionXLPipeline(**bench_models.tiny_sdxl_components(), force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, getattr(torch, dtype))
 
