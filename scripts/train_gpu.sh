@@ -26,7 +26,7 @@ fi
 INIT="${INIT:-attnguide/builtin/model}"
 RUN="$(mktemp -d)/run"
 PYTHONUNBUFFERED=1 python -m attnguide.cli train --out "$RUN" --init-from "$INIT" \
-    --lr "${LR:-3e-4}" --warmup 100 --grounding 0.1 "${ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40
+    --lr "${LR:-3e-4}" --warmup 100 --grounding "${GROUNDING:-0.2}" "${ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v '^\s*$' | tail -n 40
 mkdir -p "$OUT"
 tar cf - -C "$RUN" model | split -b 15m - "$OUT/model.tar.part-"
 cp "$RUN/log.jsonl" "$OUT/log.jsonl"

@@ -95,8 +95,16 @@ def build_unet(latent_channels: int = 8):
     )
 
 
-def build_scheduler():
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
+    """SD 1.5's noise schedule with DDIM; ``prediction_type`` is what the U-Net outputs (the noise ε,
+    or v = √ᾱ·ε − √(1−ᾱ)·x₀ of Salimans & Ho 2022, eq. 9)."""
     from diffusers import DDIMScheduler
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -106,5 +114,5 @@ def build_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )

@@ -8,6 +8,8 @@ Two stages:
 2. The caption encoder and U-Net together on latents of a fixed pool of rendered scenes, with
    condition dropout (CFG and the empty prompt work) and the grounding losses of ``grounding.py``
    weighted by ᾱ(t) (the attention can only know where objects are once the image shows them).
+   The U-Net predicts v by default: an ε-predicting U-Net's x₀ at high noise was worse than the
+   data mean, and there the layout, the object count and the background are decided.
 
 A run folder holds everything needed to resume after a kill: ``state-*.safetensors`` shards
 (weights, EMA weights, Adam moments; each file ≤ 15 MB, so it also travels through size-limited
@@ -48,11 +50,14 @@ class TrainConfig:
     warmup: int = 200
     pool: int = 32000
     dropout: float = 0.1  # probability of training on the empty prompt
-    grounding: float = 0.1  # weight of each grounding term; 0 turns them off
+    grounding: float = 0.2  # weight of each grounding term; 0 turns them off
     ema: float = 0.999
     checkpoint_every: int = 250
     autoencoder_scenes: int = 2048
     latent_channels: int = 8
+    # What the U-Net predicts. v weighs the x₀ error at high noise (where the layout, the object
+    # count and the background are decided) by 1 + SNR instead of ε's SNR → 0.
+    prediction: str = "v_prediction"
     seed: int = 0
     device: str = "auto"
     max_minutes: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0 = no limit
@@ -73,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"grounding must be a non-negative number, got {self.grounding!r}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes!r}")
+        if self.prediction not in builtin_model.PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {builtin_model.PREDICTION_TYPES}, got {self.prediction!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
@@ -195,7 +202,7 @@ def _init_from(folder: Path, text_encoder, unet, log: _Logger) -> PatchAutoencod
     return PatchAutoencoder.from_pretrained(folder / "vae", use_safetensors=True)
 
 
-def _export(target: Path, tokenizer, text_encoder, vae, unet) -> None:
+def _export(target: Path, tokenizer, text_encoder, vae, unet, prediction: str) -> None:
     """Write a diffusers folder (atomically: build beside, then swap) with the recommended settings."""
     from diffusers import StableDiffusionPipeline
 
@@ -203,7 +210,7 @@ def _export(target: Path, tokenizer, text_encoder, vae, unet) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=builtin_model.build_scheduler(), safety_checker=None, feature_extractor=None,
+        scheduler=builtin_model.build_scheduler(prediction), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
@@ -278,8 +285,8 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 class _Trainer:
     """One optimisation step of the text encoder and U-Net, with EMA copies."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, text_encoder, unet, text_ema, unet_ema, opt) -> None:
-        self.cfg, self.tokenizer, self.opt = cfg, tokenizer, opt
+    def __init__(self, cfg: TrainConfig, tokenizer, text_encoder, unet, text_ema, unet_ema, opt, prediction: str) -> None:
+        self.cfg, self.tokenizer, self.opt, self.prediction = cfg, tokenizer, opt, prediction
         self.text_encoder, self.unet, self.text_ema, self.unet_ema = text_encoder, unet, text_ema, unet_ema
         self.params = [p for m in (unet, text_encoder) for p in m.parameters()]
         self.device = next(unet.parameters()).device
@@ -299,7 +306,9 @@ class _Trainer:
         with autocast, (grounding.recording(self.unet) if cfg.grounding > 0 else contextlib.nullcontext({})) as store:
             cond = self.text_encoder(ids).last_hidden_state
             pred = self.unet(xt, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        # v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022, eq. 9)
+        target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(pred.float(), target)
         record = {"loss": loss.item()}
         if cfg.grounding > 0:
             regions = grounding.Regions(masks, grounding.token_regions(words, ids.shape[1]).to(device))
@@ -362,7 +371,9 @@ def train(cfg: TrainConfig) -> Path:
     meta.setdefault("scaling_factor", vae.config.scaling_factor if cfg.init_from else 1.0 / latents.std().item())
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     latents = latents * meta["scaling_factor"]
-    log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool)})
+    # Fixed at the start of a run, so a resumed run never switches what the U-Net predicts.
+    meta.setdefault("prediction", cfg.prediction)
+    log.write({"stage": "pool", "scaling_factor": meta["scaling_factor"], "pool": len(pool), "prediction": meta["prediction"]})
 
     def checkpoint() -> None:
         tensors = {}
@@ -371,9 +382,9 @@ def train(cfg: TrainConfig) -> Path:
         tensors.update(_optimizer_tensors("opt", opt))
         vae_config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
         _atomic_save(tensors, {**meta, "vae_config": json.dumps(vae_config)}, run)
-        _export(cfg.export_dir, tokenizer, text_ema, vae, unet_ema)
+        _export(cfg.export_dir, tokenizer, text_ema, vae, unet_ema, meta["prediction"])
 
-    trainer = _Trainer(cfg, tokenizer, text_encoder, unet, text_ema, unet_ema, opt)
+    trainer = _Trainer(cfg, tokenizer, text_encoder, unet, text_ema, unet_ema, opt, meta["prediction"])
     rng = np.random.default_rng(cfg.seed + 3 + meta["step"])
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 4 + meta["step"])
     deadline = start_time + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf

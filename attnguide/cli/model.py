@@ -87,13 +87,15 @@ def _load_denoiser(path: Path | None):
 @click.option("--batch", type=click.IntRange(1), default=64)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4)
 @click.option("--warmup", type=click.IntRange(0), default=200, help="Linear learning-rate warm-up steps.")
-@click.option("--grounding", type=click.FloatRange(0), default=0.1, help="Weight of each grounding term (token, pixel, self); 0 turns them off.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="v_prediction", show_default=True,
+              help="What the U-Net predicts (fixed when a run starts; a continuation may switch from its --init-from model's).")
+@click.option("--grounding", type=click.FloatRange(0), default=0.2, help="Weight of each grounding term (token, pixel, self); 0 turns them off.")
 @click.option("--pool", type=click.IntRange(1), default=32000, help="Rendered training scenes.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250)
 @click.option("--max-minutes", type=click.FloatRange(0), default=0.0, help="Stop after a checkpoint once this much time passed (0: no limit).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--seed", type=int, default=0)
-def train(out, export, init_from, steps, batch, lr, warmup, grounding, pool, checkpoint_every, max_minutes, device, seed) -> None:
+def train(out, export, init_from, steps, batch, lr, warmup, prediction, grounding, pool, checkpoint_every, max_minutes, device, seed) -> None:
     """Train (or resume training) the built-in model on synthetic scenes.
 
     \b
@@ -105,6 +107,6 @@ def train(out, export, init_from, steps, batch, lr, warmup, grounding, pool, che
     from ..builtin.train import train as run_training
 
     cfg = TrainConfig(out=out, export=export, init_from=init_from, steps=steps, batch=batch, lr=lr, warmup=warmup,
-                      grounding=grounding, pool=pool, checkpoint_every=checkpoint_every, max_minutes=max_minutes,
+                      prediction=prediction, grounding=grounding, pool=pool, checkpoint_every=checkpoint_every, max_minutes=max_minutes,
                       device=device, seed=seed)
     click.echo(f"model written to {run_training(cfg)}")

@@ -147,13 +147,16 @@ def test_train_resume_init_from_and_never_the_package_folder(tmp_path):
     assert recommended["guidance_scale"] > 1 and recommended["scfg_levels"]
     index = json.loads((run / "model" / "model_index.json").read_text())
     assert index["vae"][1] == "PatchAutoencoder"
+    scheduler = json.loads((run / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == meta["prediction"] == "v_prediction"  # the default
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {"token", "pixel", "self"} <= set(next(r for r in log if r.get("stage") == "unet"))
 
-    # Resume: one more step continues from the checkpoint (the autoencoder is the same).
-    train(replace(cfg, steps=3))
+    # Resume: one more step continues from the checkpoint (the autoencoder and what the U-Net
+    # predicts stay those the run started with).
+    train(replace(cfg, steps=3, prediction="epsilon"))
     second, meta = _state(run)
-    assert meta["step"] == 3
+    assert meta["step"] == 3 and meta["prediction"] == "v_prediction"
     assert torch.equal(first["vae.components"], second["vae.components"])
     assert not torch.equal(first["unet.conv_in.weight"], second["unet.conv_in.weight"])
 
@@ -167,7 +170,8 @@ def test_train_resume_init_from_and_never_the_package_folder(tmp_path):
 
 def test_bad_config_names_the_parameter(tmp_path):
     for kwargs, word in (({"batch": 0}, "batch"), ({"grounding": -1.0}, "grounding"), ({"steps": 0}, "steps"),
-                         ({"init_from": str(tmp_path)}, "init_from"), ({"dropout": 1.0}, "dropout")):
+                         ({"init_from": str(tmp_path)}, "init_from"), ({"dropout": 1.0}, "dropout"),
+                         ({"prediction": "sample"}, "prediction")):
         with pytest.raises(ValueError, match=word):
             TrainConfig(**kwargs)
 
