@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..builtin.model import PREDICTION_TYPES
 from .app import InputError, main
 
 
@@ -87,7 +88,7 @@ def _load_denoiser(path: Path | None):
 @click.option("--batch", type=click.IntRange(1), default=64)
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4)
 @click.option("--warmup", type=click.IntRange(0), default=200, help="Linear learning-rate warm-up steps.")
-@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="v_prediction", show_default=True,
+@click.option("--prediction", type=click.Choice(PREDICTION_TYPES), default="v_prediction", show_default=True,
               help="What the U-Net predicts (fixed when a run starts; a continuation may switch from its --init-from model's).")
 @click.option("--grounding", type=click.FloatRange(0), default=0.2, help="Weight of each grounding term (token, pixel, self); 0 turns them off.")
 @click.option("--pool", type=click.IntRange(1), default=32000, help="Rendered training scenes.")
