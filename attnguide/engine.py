@@ -100,8 +100,6 @@ class _Engine:
         self.pairs = attention.scfg_layers(self.unet, levels) if self.segmenting else []
         factors = {lay.name: lay.factor for lay in attention.list_layers(self.unet)}
         self.seg_pairs = [(s, c, factors[c]) for s, c in self.pairs]
-        if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
-            raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
         self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
         self.signature = inspect.signature(attention.unwrap(self.unet).forward)
         self.sample_key, self.shared_inputs, self.eps_channels = "sample", frozenset(), None
@@ -121,12 +119,8 @@ class _Engine:
             raise ValueError(f"method {method!r} needs attention layers; this transformer has none")
         self.perturb = tx.select_self_attention(model, pag_layers) if self.template.uses_pag else []
         self.segmenting = self.template.uses_scfg or return_masks
-        if self.segmenting and scfg.levels is not None:
-            raise ValueError("scfg levels do not apply to transformer denoisers (every block sees the same token grid)")
         self.pairs = tx.scfg_layers(model) if self.segmenting else []
         self.seg_pairs = [(s, c, tx.patch_size(model)) for s, c in self.pairs]
-        if mask_steps is not None and (not all(isinstance(s, int) and s >= 0 for s in mask_steps)):
-            raise ValueError(f"mask_steps must be non-negative step indices, got {mask_steps!r}")
         self.return_masks, self.mask_steps, self.callback = return_masks, mask_steps, callback
         self.signature = inspect.signature(attention.unwrap(model).forward)
         self.sample_key = next(iter(self.signature.parameters))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 from pathlib import Path
 
 import torch
@@ -29,8 +31,6 @@ def recommended_settings(model) -> dict:
     what the model folder recommends in its ``attnguide.json`` (method, w, s, steps, S-CFG levels),
     over the library's defaults. ``model`` is a pipeline (its ``name_or_path`` folder), a folder, or
     None (the built-in model); the built-in model ships one."""
-    import json
-
     settings = default_settings()
     if model is None:
         folder = builtin_model_path()
@@ -40,8 +40,16 @@ def recommended_settings(model) -> dict:
         folder = Path(getattr(model, "name_or_path", "") or "")
     path = folder / "attnguide.json"
     if str(folder) not in ("", ".") and path.is_file():
-        settings.update({k: v for k, v in json.loads(path.read_text()).items() if k in settings})
+        stored = _read_settings_file(str(path.resolve()), path.stat().st_mtime_ns)
+        settings.update({k: v for k, v in stored.items() if k in settings})
     return settings
+
+
+@functools.lru_cache(maxsize=16)
+def _read_settings_file(path: str, mtime_ns: int) -> dict:
+    """An ``attnguide.json``, parsed once per version of the file (``mtime_ns`` is the cache key:
+    one generate call asks for it several times; an edited file is read again)."""
+    return json.loads(Path(path).read_text())
 
 
 def resolve_settings(model, **given) -> dict:

@@ -287,6 +287,12 @@ def check_guide_arguments(pipe, method: Any, pag_scale: Any, pag_layers: Any, cf
         from . import attention
 
         attention.select_self_attention(unet, layers)  # raises ValueError naming pag_layers
+    if scfg.levels is not None:
+        if unet is None:
+            raise ValueError("scfg levels do not apply to transformer denoisers (every block sees the same token grid)")
+        from . import attention
+
+        attention.scfg_layers(unet, scfg.levels)  # raises ValueError naming scfg levels and those available
     return (method, pag_scale, layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
             callback_fn)
 

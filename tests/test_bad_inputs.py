@@ -100,6 +100,8 @@ GENERATE_CASES = [
     (dict(method="scfg", scfg={"power": 0}), ValueError, "power"),
     (dict(method="scfg", scfg={"power": 2.5}), TypeError, "power"),
     (dict(method="scfg", scfg={"levels": (3,)}), ValueError, "levels"),
+    (dict(method="scfg", scfg={"levels": (64,)}), ValueError, "available levels"),
+    (dict(method="cfg", scfg={"levels": (64,)}), ValueError, "available levels"),  # checked although cfg does not use it
     (dict(method="scfg", scfg={"mode": "fast"}), ValueError, "mode"),
     (dict(method="scfg", scfg={"bogus": 1}), ValueError, "scfg"),
     (dict(method="scfg", scfg="reference"), TypeError, "scfg"),

@@ -199,7 +199,11 @@ def _init_from(folder: Path, text_encoder, unet, log: _Logger) -> PatchAutoencod
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     if vae_config.get("_class_name") != "PatchAutoencoder":
         return None
-    return PatchAutoencoder.from_pretrained(folder / "vae", use_safetensors=True)
+    # Built from its config and weights rather than from_pretrained, which would record the source
+    # folder (``_name_or_path``) in the exported config.
+    vae = PatchAutoencoder.from_config({k: v for k, v in vae_config.items() if not k.startswith("_")})
+    vae.load_state_dict(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")))
+    return vae
 
 
 def _export(target: Path, tokenizer, text_encoder, vae, unet, prediction: str) -> None:

@@ -62,6 +62,24 @@ class LazyChoice(click.Choice):
         return tuple(self._names)
 
 
+class ScfgLevels(click.ParamType):
+    """S-CFG's levels: a comma list of the U-Net's downsampling factors (``attnguide layers`` lists them)."""
+
+    name = "FACTORS"
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and int(p) >= 1 and not int(p) & (int(p) - 1) for p in parts):
+            self.fail(f"a comma list of downsampling factors (powers of two, e.g. 1,2 or 4,8) expected, got {value!r}",
+                      param, ctx)
+        return tuple(sorted({int(p) for p in parts}))
+
+
+SCFG_LEVELS = ScfgLevels()
+
+
 class InputError(click.ClickException):
     """Bad input found after option parsing: one line, exit code 2."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .app import METHODS, SCFG_MODES, InputError, LazyChoice, LazyHelpOption, debugging, main, one_line
+from .app import METHODS, SCFG_LEVELS, SCFG_MODES, InputError, LazyChoice, LazyHelpOption, debugging, main, one_line
 
 
 def _methods(value: tuple[str, ...]) -> list[str | None]:
@@ -63,7 +63,8 @@ _GENERATE_OPTIONS = {"guidance_scale": "--guidance-scale", "pag_scale": "--pag-s
                      "num_inference_steps": "--steps", "num_images_per_prompt": "--n", "negative_prompt": "--negative-prompt",
                      "height": "--height", "width": "--width", "seed": "--seed", "image": "--image", "strength": "--strength",
                      "mask_image": "--mask-image", "prompt": "--prompt", "model": "--model", "device": "--device",
-                     "dtype": "--dtype", "scfg": "--scfg-mode", "scfg mode": "--scfg-mode"}
+                     "dtype": "--dtype", "scfg": "--scfg-mode", "scfg mode": "--scfg-mode",
+                     "scfg levels": "--scfg-levels"}
 
 
 @main.command()
@@ -81,6 +82,9 @@ _GENERATE_OPTIONS = {"guidance_scale": "--guidance-scale", "pag_scale": "--pag-s
               help="PAG scale s [default: the model's recommendation, else 3.0].")
 @click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns (see `attnguide layers`).")
 @click.option("--scfg-mode", type=LazyChoice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
+@click.option("--scfg-levels", type=SCFG_LEVELS, default=None,
+              help="Downsampling factors whose attention S-CFG reads, e.g. 1,2 (see `attnguide layers`) "
+                   "[default: the model's recommendation, else latent/4 and latent/8].")
 @click.option("--height", type=click.IntRange(1), default=None)
 @click.option("--width", type=click.IntRange(1), default=None)
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False), default=None, help="Start from this image (img2img).")
@@ -91,7 +95,7 @@ _GENERATE_OPTIONS = {"guidance_scale": "--guidance-scale", "pag_scale": "--pag-s
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32")
 @click.option("--out", type=click.Path(file_okay=False), default="outputs", help="Output folder.")
 def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, guidance_scale, pag_scale, pag_layers,
-             scfg_mode, height, width, init_image, strength, mask_image, masks, device, dtype, out) -> None:
+             scfg_mode, scfg_levels, height, width, init_image, strength, mask_image, masks, device, dtype, out) -> None:
     """Generate images, one PNG each, plus a comparison grid when several methods are given.
 
     \b
@@ -132,7 +136,7 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
                 pipe, list(prompts), method=method, guidance_scale=settings["guidance_scale"], pag_scale=settings["pag_scale"],
                 pag_layers=[p for p in pag_layers.split(",") if p], num_inference_steps=settings["num_inference_steps"],
                 negative_prompt=negative_prompt if REGISTRY[method].uses_cfg else None, height=height, width=width,
-                num_images_per_prompt=num_images, seed=seed, return_masks=masks, mask_steps=None, scfg={"mode": scfg_mode},
+                num_images_per_prompt=num_images, seed=seed, return_masks=masks, mask_steps=None, scfg={"mode": scfg_mode, "levels": scfg_levels},
                 image=init_image, strength=strength, mask_image=mask_image,
             )
         except (ValueError, TypeError) as exc:

@@ -45,13 +45,9 @@ def layers(model, show_all) -> None:
 
 def _recommended_levels(path: Path | None) -> tuple[int, ...]:
     """S-CFG levels the model folder recommends in its attnguide.json (empty if none)."""
-    import json
+    from ..pipelines import recommended_settings
 
-    from ..pipelines import builtin_model_path
-
-    settings = (path or builtin_model_path()) / "attnguide.json"
-    levels = json.loads(settings.read_text()).get("scfg_levels") if settings.is_file() else None
-    return tuple(levels or ())
+    return tuple(recommended_settings(path)["scfg_levels"] or ())
 
 
 def _load_denoiser(path: Path | None):

@@ -190,13 +190,12 @@ def count_step(unet, method: str, latent_hw: tuple[int, int], tokens: int, *, ba
 
 def _builtin_meta(model_path: str | Path | None) -> tuple[dict, int, tuple[int, ...] | None]:
     """(U-Net config, text tokens, S-CFG levels) of the built-in model (or a diffusers folder), from its files."""
-    from attnguide.pipelines import builtin_model_path
+    from attnguide.pipelines import builtin_model_path, recommended_settings
 
     path = Path(model_path) if model_path is not None else builtin_model_path()
     config = json.loads((path / "unet" / "config.json").read_text())
     text = json.loads((path / "text_encoder" / "config.json").read_text())
-    settings = path / "attnguide.json"
-    levels = json.loads(settings.read_text()).get("scfg_levels") if settings.is_file() else None
+    levels = recommended_settings(path)["scfg_levels"]
     return config, int(text.get("max_position_embeddings", SD_TOKENS)), tuple(levels) if levels else None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import InputError, RunFailure
+from ..cli import SCFG_LEVELS, InputError, RunFailure
 from ..guidance import METHODS, SCFG_MODES
 from .errors import BadInput, EvalFolderError
 from .runner import run_eval
@@ -58,6 +58,9 @@ def eval_cli() -> None:
 @click.option("--batch", type=click.IntRange(1), default=8, help="Images per U-Net batch (and per work unit sharded across processes).")
 @click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns PAG perturbs.")
 @click.option("--scfg-mode", type=click.Choice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
+@click.option("--scfg-levels", type=SCFG_LEVELS, default=None,
+              help="Downsampling factors whose attention S-CFG reads, e.g. 1,2 (see `attnguide layers`) "
+                   "[default: the model's recommendation, else latent/4 and latent/8].")
 @click.option("--negative-prompt", default=None, help="Negative prompt for every prompt.")
 @click.option("--height", type=click.IntRange(1), default=None)
 @click.option("--width", type=click.IntRange(1), default=None)
@@ -70,7 +73,7 @@ def eval_cli() -> None:
 @click.option("--no-report", is_flag=True, help="Do not write summary and plots at the end (see `attnguide eval report`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n, out, model, steps, seed, batch,
-                pag_layers, scfg_mode, negative_prompt, height, width, device, dtype, evaluator, clip, min_real,
+                pag_layers, scfg_mode, scfg_levels, negative_prompt, height, width, device, dtype, evaluator, clip, min_real,
                 grid_prompts, no_report, quiet) -> None:
     """Generate and score images for every (method, scale) x prompt x sample; resumable and shardable.
 
@@ -95,7 +98,7 @@ def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n
         settings = EvalSettings(
             out=Path(out), configs=configs, prompts=prompts, num_prompts=num_prompts, prompt_seed=prompt_seed, n=n,
             model=model, steps=recommended["num_inference_steps"], seed=seed, batch=batch, pag_layers=tuple(p for p in pag_layers.split(",") if p),
-            scfg_mode=scfg_mode, negative_prompt=negative_prompt, height=height, width=width, device=device, dtype=dtype,
+            scfg_mode=scfg_mode, scfg_levels=scfg_levels, negative_prompt=negative_prompt, height=height, width=width, device=device, dtype=dtype,
             evaluator=evaluator, clip=clip, min_real=min_real, grid_prompts=grid_prompts, progress=not quiet,
             report=not no_report,
         )

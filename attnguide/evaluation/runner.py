@@ -41,6 +41,7 @@ from .settings import (
     negative_prompt_for,
     option_message,
     run_meta,
+    scfg_options,
 )
 from .storage import (
     JOBS_DIR,
@@ -174,7 +175,7 @@ def _run_unit(pipe, unit: list[Job], missing: set[str], settings: EvalSettings, 
         pipe, [j.prompt for j in unit], **config.generate_kwargs(), pag_layers=list(settings.pag_layers),
         num_inference_steps=settings.steps, negative_prompt=negative_prompt_for(settings, config), height=settings.height,
         width=settings.width, seed=[j.seed for j in unit], return_masks=want_masks,
-        mask_steps=[settings.steps - 1] if want_masks else None, scfg={"mode": settings.scfg_mode},
+        mask_steps=[settings.steps - 1] if want_masks else None, scfg=scfg_options(settings),
         output_type="pil", progress=False,
     )
     seconds = time.perf_counter() - start

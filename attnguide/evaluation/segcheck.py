@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import attention
 from ..builtin import data
+from ..cli import SCFG_LEVELS
 from ..engine import default_levels
 from ..guidance import SCFGOptions
 from ..segmentation import segment_records
@@ -137,7 +138,9 @@ def _score_batch(scenes, labels: np.ndarray, image_mious: list, object_ious: lis
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None, help="Local diffusers folder [default: built-in model].")
 @click.option("--n", "n_images", type=click.IntRange(1), default=200, help="Held-out real images.")
 @click.option("--timestep", "timesteps", type=click.IntRange(0, 999), multiple=True, default=(300, 500, 700), help="Noise timestep(s).")
-@click.option("--levels", default=None, help="Comma list of downsampling factors, e.g. 2,4 [default: S-CFG's default levels].")
+@click.option("--levels", "--scfg-levels", "levels", type=SCFG_LEVELS, default=None,
+              help="Downsampling factors whose attention S-CFG reads, e.g. 1,2 [default: the model's recommendation, "
+                   "else latent/4 and latent/8].")
 @click.option("--mode", type=click.Choice(["reference", "paper"]), default="reference")
 @click.option("--seed", type=int, default=0)
 @click.option("--smoothing/--no-smoothing", default=True, show_default=True,
@@ -153,10 +156,9 @@ def segcheck(model, n_images, timesteps, levels, mode, seed, smoothing, json_pat
     from ..pipelines import load_pipeline
 
     pipe = load_pipeline(model)
-    parsed = tuple(int(f) for f in levels.split(",")) if levels else None
     results = []
     for t in timesteps:
-        r = segmentation_miou(pipe, n_images=n_images, timestep=t, seed=seed, levels=parsed, mode=mode, smoothing=smoothing)
+        r = segmentation_miou(pipe, n_images=n_images, timestep=t, seed=seed, levels=levels, mode=mode, smoothing=smoothing)
         results.append(r)
         words = ", ".join(f"{k} {v:.3f}" for k, v in r.per_word.items())
         blur = "" if smoothing else " no smoothing"

@@ -19,7 +19,7 @@ from .sweep import Config, job_seed, model_folder
 DEFAULT_BUILTIN_PROMPTS = 100
 # Settings that fix what an image is; a resumed call must repeat them.
 FIXED_SETTINGS = ("model", "model_fingerprint", "prompts", "prompt_seed", "steps", "seed", "height", "width",
-                  "dtype", "pag_layers", "scfg_mode", "negative_prompt")
+                  "dtype", "pag_layers", "scfg_mode", "scfg_levels", "negative_prompt")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class EvalSettings:
     batch: int = 8
     pag_layers: tuple[str, ...] = ("mid",)
     scfg_mode: str = "reference"
+    scfg_levels: tuple[int, ...] | None = None  # None: the model's recommendation (engine.default_levels)
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
@@ -156,6 +157,7 @@ def run_meta(settings: EvalSettings, fingerprint: str) -> dict[str, Any]:
         "dtype": settings.dtype,
         "pag_layers": list(settings.pag_layers),
         "scfg_mode": settings.scfg_mode,
+        "scfg_levels": list(settings.scfg_levels) if settings.scfg_levels else None,
         "negative_prompt": settings.negative_prompt,
         "evaluator": settings.evaluator,
         "clip": settings.clip,
@@ -189,6 +191,7 @@ def merged_meta(stored: dict[str, Any] | None, meta: dict[str, Any]) -> dict[str
 _EVAL_OPTIONS = {"guidance_scale": "--methods/--scales (w)", "pag_scale": "--pag-scale", "pag_layers": "--pag-layers",
                  "num_inference_steps": "--steps", "num_images_per_prompt": "--batch", "negative_prompt": "--negative-prompt",
                  "height": "--height", "width": "--width", "seed": "--seed", "prompt": "--prompts", "scfg mode": "--scfg-mode",
+                 "scfg levels": "--scfg-levels",
                  "device": "--device", "dtype": "--dtype", "model": "--model"}
 
 
@@ -216,10 +219,15 @@ def check_settings(settings: EvalSettings, pipe, prompts: Sequence[str]) -> None
             sampling.check_arguments(
                 pipe, unit, **config.generate_kwargs(), pag_layers=list(settings.pag_layers),
                 num_inference_steps=settings.steps, negative_prompt=negative_prompt_for(settings, config), height=settings.height,
-                width=settings.width, seed=seeds, scfg={"mode": settings.scfg_mode}, output_type="pil", progress=False,
+                width=settings.width, seed=seeds, scfg=scfg_options(settings), output_type="pil", progress=False,
             )
         except (ValueError, TypeError) as exc:
             raise BadInput(f"{option_message(exc)} ({config.label})") from None
+
+
+def scfg_options(settings: EvalSettings) -> dict[str, Any]:
+    """The ``scfg`` argument of ``generate`` for every job of the run."""
+    return {"mode": settings.scfg_mode, "levels": settings.scfg_levels}
 
 
 def negative_prompt_for(settings: EvalSettings, config: Config) -> str | None:

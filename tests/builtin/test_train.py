@@ -165,6 +165,10 @@ def test_train_resume_init_from_and_never_the_package_folder(tmp_path):
     train(replace(cfg, out=str(more), init_from=str(run / "model"), steps=1))
     third, _ = _state(more)
     assert torch.equal(third["vae.components"], second["vae.components"])
+    # The continuation's export does not record where its autoencoder came from.
+    source_vae = json.loads((run / "model" / "vae" / "config.json").read_text())
+    assert json.loads((more / "model" / "vae" / "config.json").read_text()) == source_vae
+    assert "_name_or_path" not in source_vae
     assert _mtimes(MODEL_DIR) == package  # the installed model was never written
 
 

@@ -63,6 +63,8 @@ def _one_clear_line(result, code: int, *words: str) -> str:
         (["--method", ","], ["--method"]),
         (["--method", "cfg,magic"], ["--method", "magic"]),
         (["--mask-image", __file__], ["--mask-image"]),
+        (["--scfg-levels", "0", "--method", "scfg"], ["--scfg-levels"]),
+        (["--scfg-levels", "64", "--method", "scfg"], ["--scfg-levels", "available levels"]),
     ],
 )
 def test_generate_bad_input_is_one_line_exit_2(model_dir, tmp_path, args, words):

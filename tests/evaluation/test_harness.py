@@ -264,6 +264,36 @@ def test_report_rebuilds_summary_and_plots_from_records(tiny_model, tmp_path):
     assert [r["unet_evals_per_image"] for r in rows] == [4, 6]  # 2 steps x 2 or 3 branches
 
 
+def test_scfg_levels_reach_every_job_and_are_fixed_for_the_run(tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from attnguide import attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    finest = (min(lay.factor for lay in attention.list_layers(unet) if lay.is_cross),)
+    assert finest != tuple(attention.default_scfg_levels(unet))  # so the option changes something
+    seen = []
+
+    def recording(pipe, prompt, **kwargs):
+        seen.append(kwargs["scfg"])
+        return sampling.generate(pipe, prompt, **kwargs)
+
+    out = tmp_path / "run"
+    run_eval(_settings(out, tiny_model, num_prompts=1, n=1, scfg_levels=finest, report=False), generate_fn=recording)
+    assert len(seen) == 2 and all(s["levels"] == finest for s in seen)
+    assert json.loads((out / "run.json").read_text())["scfg_levels"] == list(finest)
+    with pytest.raises(Exception, match=r"scfg_levels: stored \[\d+\], now None"):
+        run_eval(_settings(out, tiny_model, num_prompts=1, n=1, report=False))
+
+
+def test_bad_scfg_levels_are_refused_before_anything_is_written(tiny_model, tmp_path):
+    result = CliRunner().invoke(cli_main, ["eval", "run", "--out", str(tmp_path / "o"), "--model", str(tiny_model),
+                                           "--methods", "scfg@3", "--num-prompts", "1", "--steps", "1",
+                                           "--scfg-levels", "64", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 2 and "--scfg-levels" in result.output and "available levels" in result.output
+    assert not (tmp_path / "o" / "records.jsonl").exists()
+
+
 def test_text_prompts_give_model_agnostic_metrics_only(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red circle\n\na blue square\n")
@@ -278,6 +308,7 @@ def test_text_prompts_give_model_agnostic_metrics_only(tiny_model, tmp_path):
     (["--prompts", "no-such-file.txt"], "--prompts"),
     (["--scales", "1,x"], "--scales"),
     (["--clip", "no-such-dir"], "--clip"),
+    (["--scfg-levels", "2,x"], "--scfg-levels"),
 ])
 def test_cli_names_the_bad_parameter(tmp_path, args, message):
     result = CliRunner().invoke(cli_main, ["eval", "run", "--out", str(tmp_path / "o"), *args])
