@@ -36,6 +36,19 @@ class Method:
         return self.text == "scfg"
 
     @property
+    def ablations(self) -> tuple[str, ...]:
+        """The methods one component away from this one, which the evaluation compares it with
+        (paired): PAG removed, S-CFG's per-region scale replaced by CFG's uniform one, CFG removed."""
+        variants = []
+        if self.pag:
+            variants.append((self.text, False))
+        if self.text == "scfg":
+            variants.append(("cfg", self.pag))
+        if self.text == "cfg":
+            variants.append((None, self.pag))
+        return tuple(m.name for v in variants for m in REGISTRY.values() if (m.text, m.pag) == v)
+
+    @property
     def branches(self) -> tuple[str, ...]:
         """Branches of a step where every term is active."""
         return tuple(b for b in BRANCH_ORDER if b == "cond" or (b == "uncond" and self.uses_cfg) or (b == "perturbed" and self.pag))

@@ -108,7 +108,7 @@ def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n
     with _errors_as_messages():
         outcome = run_eval(settings)
     if outcome.summary is not None:
-        click.echo(summary_markdown(outcome.summary, outcome.notes))
+        click.echo(summary_markdown(outcome.summary, outcome.notes, outcome.paired))
     click.echo(f"{outcome.computed} images computed by this process, {outcome.done_before} of its jobs were already done "
                f"({outcome.total_jobs} jobs in the run); results in {out}/")
 
@@ -126,6 +126,6 @@ def report_command(directory, evaluator, min_real, no_plots) -> None:
       attnguide eval report outputs/eval
     """
     with _errors_as_messages():
-        rows, notes = report(directory, evaluator_path=evaluator, min_real=min_real, plots=not no_plots,
-                             progress=True)
-    click.echo(summary_markdown(rows, notes))
+        rows, notes, paired = report(directory, evaluator_path=evaluator, min_real=min_real, plots=not no_plots,
+                                     progress=True)
+    click.echo(summary_markdown(rows, notes, paired))

@@ -42,6 +42,22 @@ def standard_error(p: float | None, n: int) -> float | None:
     return math.sqrt(p * (1.0 - p) / n)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean of a - b over paired items (the same prompt and seed under two configs), its standard
+    error (sample standard deviation of the differences / sqrt n) and z = mean / se. Pairing
+    removes the prompts' own difficulty from the comparison, so it separates configs with far
+    fewer prompts than two independent rates would."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be two equally long sequences of numbers, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    n = len(d)
+    mean = float(d.mean()) if n else None
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    z = mean / se if se else None
+    return {"diff": mean, "diff_se": se, "z": z, "n_pairs": n}
+
+
 def geneval_summary(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Alignment summary of a set of ``score_prompt`` results (one per image).
 

@@ -119,6 +119,7 @@ class RunOutcome:
     computed: int
     summary: list[dict[str, Any]] | None = None
     notes: list[str] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _resolve_device(device: str, dist: Dist) -> str:
@@ -276,7 +277,7 @@ def run_eval(settings: EvalSettings, *, generate_fn: Callable | None = None, dis
             bar.close()
         dist.barrier()
         if dist.is_main and settings.report:
-            outcome.summary, outcome.notes = report(settings.out, progress=settings.progress)
+            outcome.summary, outcome.notes, outcome.paired = report(settings.out, progress=settings.progress)
     return outcome
 
 

@@ -141,6 +141,51 @@ def _summary_row(label: str, rs: list[dict[str, Any]], feats: np.ndarray | None,
     return row
 
 
+# Per-image checks the paired comparisons are made on (each 0/1 per image).
+PAIRED_CHECKS = ("fully_correct", "present")
+PAIRED_FIELDS = ("config", "reference", "check", "diff", "diff_se", "z", "n_pairs")
+
+
+def paired_rows(records: list[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Each config against the configs one component away from it (``Config.ablations``) that the
+    run also has, on the images both made from the same prompt and seed: the mean difference of
+    each check of ``PAIRED_CHECKS`` with its standard error and z."""
+    from . import metrics
+
+    by_config: dict[str, dict[tuple[int, int], dict[str, Any]]] = {label: {} for label in labels}
+    for r in records:
+        if "scores" in r:
+            by_config[r["config"]][(r["prompt_index"], r["sample_index"])] = r["scores"]
+    rows = []
+    for label in labels:
+        scores = by_config[label]
+        if not scores:
+            continue
+        config = config_from_record(next(r for r in records if r["config"] == label))
+        for reference in (c.label for c in config.ablations()):
+            other = by_config.get(reference)
+            for check in PAIRED_CHECKS:
+                keys = [k for k in sorted(set(scores) & set(other or {}))
+                        if scores[k].get(check) is not None and other[k].get(check) is not None]
+                a = [float(scores[k][check]) for k in keys]
+                b = [float(other[k][check]) for k in keys]
+                if keys:
+                    rows.append({"config": label, "reference": reference, "check": check, **metrics.paired_difference(a, b)})
+    return rows
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """The paired comparisons as a Markdown table (empty when there are none)."""
+    if not rows:
+        return ""
+    lines = ["| config − reference | check | difference ± se | z | pairs |", "|---|---|---|---|---|"]
+    for r in rows:
+        z = "–" if r["z"] is None else f"{r['z']:+.1f}"
+        se = "–" if r["diff_se"] is None else f"{r['diff_se']:.3f}"
+        lines.append(f"| {r['config']} − {r['reference']} | {r['check']} | {r['diff']:+.3f} ± {se} | {z} | {r['n_pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
 SUMMARY_FIELDS = (
     "config", "method", "w", "s", "scale", "n_images", "n_prompts", "fully_correct", "fully_correct_se",
     "fully_correct_1obj", "fully_correct_2obj", "fully_correct_3obj", "present", "colour_bound", "size_correct", "count_correct", "relation_correct", "fd", "diversity",
@@ -156,8 +201,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def summary_markdown(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
-    """The summary as a Markdown table (only columns some row has), with notes below."""
+def summary_markdown(rows: list[dict[str, Any]], notes: Sequence[str] = (), paired: Sequence[dict[str, Any]] = ()) -> str:
+    """The summary as a Markdown table (only columns some row has), the paired comparisons
+    (``paired_rows``) when there are any, and the notes."""
     names = {
         "config": "config", "n_images": "images", "fully_correct": "fully correct",
         "fully_correct_1obj": "1 obj", "fully_correct_2obj": "2 obj", "fully_correct_3obj": "3 obj", "present": "present",
@@ -179,27 +225,35 @@ def summary_markdown(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> s
             else:
                 cells.append(_fmt(r.get(c)))
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Paired differences (same prompts and seeds; |z| ≥ 2 is significant at about 5%):", "",
+                  paired_markdown(list(paired)).rstrip("\n")]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]], notes: Sequence[str]) -> None:
-    """summary.csv, summary.md and summary.json in ``out`` (each written atomically)."""
+def _csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
-    atomic_write_text(out / "summary.csv", buffer.getvalue())
-    atomic_write_text(out / "summary.md", summary_markdown(rows, notes))
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "notes": list(notes)}, indent=1) + "\n")
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buffer.getvalue()
+
+
+def write_summary(out: Path, rows: list[dict[str, Any]], notes: Sequence[str], paired: Sequence[dict[str, Any]] = ()) -> None:
+    """summary.csv, summary.md, summary.json and paired.csv in ``out`` (each written atomically)."""
+    atomic_write_text(out / "summary.csv", _csv(rows, SUMMARY_FIELDS))
+    atomic_write_text(out / "paired.csv", _csv(paired, PAIRED_FIELDS))
+    atomic_write_text(out / "summary.md", summary_markdown(rows, notes, paired))
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "paired": list(paired), "notes": list(notes)}, indent=1) + "\n")
 
 
 def report(out: str | Path, *, evaluator_path: str | None = None, min_real: int | None = None,
-           plots: bool = True, progress: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+           plots: bool = True, progress: bool = False) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
     """Rebuild ``records.jsonl``, the summary files and the plots of an output folder from its
-    saved per-job records and images alone. Returns (summary rows, notes)."""
+    saved per-job records and images alone. Returns (summary rows, notes, paired comparisons)."""
     out = Path(out)
     if not (out / RUN_FILE).is_file():
         raise EvalFolderError(f"DIR: {str(out)!r} is not an evaluation folder (it has no {RUN_FILE})")
@@ -211,9 +265,10 @@ def report(out: str | Path, *, evaluator_path: str | None = None, min_real: int 
     if len(fingerprints) > 1:
         raise EvalFolderError(f"DIR: records of {str(out)!r} come from {len(fingerprints)} different models {sorted(fingerprints)}")
     rows, notes = summarize(out, records, meta, evaluator_path=evaluator_path, min_real=min_real, progress=progress)
-    write_summary(out, rows, notes)
+    paired = paired_rows(records, [r["config"] for r in rows])
+    write_summary(out, rows, notes, paired)
     if plots:
         from . import plots as plotting
 
         plotting.make_plots(out, rows, records)
-    return rows, notes
+    return rows, notes, paired

@@ -45,6 +45,14 @@ class Config:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--scales: scale {name} of {self.method} must be a finite number >= 0, got {value!r}")
 
+    def ablations(self) -> list[Config]:
+        """The configs this one is compared with (``Method.ablations`` at the same scales)."""
+        out = []
+        for name in REGISTRY[self.method].ablations:
+            method = REGISTRY[name]
+            out.append(Config(name, self.guidance_scale if method.uses_cfg else None, self.pag_scale if method.pag else None))
+        return out
+
     @property
     def label(self) -> str:
         """``none``, ``cfg@5``, ``pag@2``, ``cfg+pag@5/1.5`` (the ``--methods`` syntax)."""

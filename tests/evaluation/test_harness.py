@@ -232,6 +232,43 @@ def test_geneval_summary_of_handmade_scores():
         metrics.geneval_summary([{"present": True}])
 
 
+def test_paired_difference_known_values():
+    got = metrics.paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
+    assert got["diff"] == 0.5 and got["n_pairs"] == 4
+    assert got["diff_se"] == pytest.approx((1 / 3) ** 0.5 / 2)  # sample sd sqrt(1/3), over sqrt(4)
+    assert got["z"] == pytest.approx(0.5 / ((1 / 3) ** 0.5 / 2))
+    assert metrics.paired_difference([1, 0], [1, 0])["z"] is None  # no spread: z undefined, not infinite
+    with pytest.raises(ValueError, match="equally long"):
+        metrics.paired_difference([1, 0], [1])
+
+
+def test_each_method_is_compared_with_the_methods_one_component_away():
+    from attnguide.guidance import REGISTRY
+
+    assert {name: REGISTRY[name].ablations for name in REGISTRY} == {
+        "none": (), "cfg": ("none",), "pag": ("none",), "cfg+pag": ("cfg", "pag"), "scfg": ("cfg",),
+        "scfg+pag": ("scfg", "cfg+pag"),
+    }
+    assert [c.label for c in Config("scfg+pag", 5.0, 2.0).ablations()] == ["scfg@5", "cfg+pag@5/2"]
+    assert [c.label for c in Config("cfg+pag", 5.0, 2.0).ablations()] == ["cfg@5", "pag@2"]
+
+
+def test_paired_rows_pair_images_by_prompt_and_sample():
+    def record(config, p, k, fully, present):
+        method, _, scale = config.partition("@")
+        return {"config": config, "method": method, "guidance_scale": float(scale) if scale else None, "pag_scale": None,
+                "prompt_index": p, "sample_index": k, "scores": {"fully_correct": fully, "present": present}}
+
+    records = [record("none", 0, 0, False, False), record("none", 1, 0, True, True), record("none", 2, 0, False, True),
+               record("cfg@5", 1, 0, True, True), record("cfg@5", 0, 0, True, True), record("cfg@5", 2, 0, True, True),
+               record("cfg@7", 0, 0, True, True)]  # cfg@7 has only prompt 0 of none's three
+    rows = summary.paired_rows(records, ["none", "cfg@5", "cfg@7"])
+    got = {(r["config"], r["reference"], r["check"]): (r["diff"], r["n_pairs"]) for r in rows}
+    assert got == {("cfg@5", "none", "fully_correct"): (pytest.approx(2 / 3), 3), ("cfg@5", "none", "present"): (pytest.approx(1 / 3), 3),
+                   ("cfg@7", "none", "fully_correct"): (1.0, 1), ("cfg@7", "none", "present"): (1.0, 1)}
+    assert "| cfg@5 − none | fully_correct | +0.667 ± 0.333 | +2.0 | 3 |" in summary.paired_markdown(rows)
+
+
 def test_clip_scorer_needs_a_local_folder(tmp_path):
     with pytest.raises(ValueError, match="--clip.*does not exist"):
         metrics.ClipScorer(tmp_path / "absent")
@@ -251,7 +288,8 @@ def test_report_rebuilds_summary_and_plots_from_records(tiny_model, tmp_path):
     assert len(records) == 6 and all((out / r["image"]).is_file() for r in records)
     assert {"scores", "detected", "seed", "unet_evaluations", "timing", "prompt", "image"} <= set(records[0])
     assert any(r.get("mask_overlay") for r in records if r["method"] == "scfg+pag")
-    for name in ("summary.csv", "summary.md", "summary.json", "records.jsonl"):
+    assert (out / "paired.csv").read_text().startswith("config,reference,check,diff")  # no pairs in this run
+    for name in ("summary.csv", "summary.md", "summary.json", "records.jsonl", "paired.csv"):
         (out / name).unlink()
     for plot in (out / "plots").glob("*.png"):
         plot.unlink()
