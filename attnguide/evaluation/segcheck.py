@@ -42,6 +42,11 @@ class SegCheckResult:
     per_word: dict[str, float]  # mean IoU of objects by their shape word
     images: int
     smoothing: bool = True  # S-CFG's 3x3 Gaussian on the token maps (part of the method)
+    # What a perfect labelling at S-CFG's label grid reaches (each cell to the region covering most
+    # of it): masks can be no finer than the finest level read.
+    grid: tuple[int, int] = (0, 0)
+    ceiling_miou: float = float("nan")
+    ceiling_object_iou: float = float("nan")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -55,6 +60,23 @@ def precision_recall(predicted: np.ndarray, true: np.ndarray) -> tuple[float, fl
     nothing is true)."""
     hit = np.logical_and(predicted, true).sum()
     return float(hit / predicted.sum()) if predicted.any() else 1.0, float(hit / true.sum()) if true.any() else 1.0
+
+
+def grid_ceiling_labels(scenes: list[data.Scene], grid: tuple[int, int]) -> np.ndarray:
+    """(n, RESOLUTION, RESOLUTION) token labels of the best labelling at a ``grid`` of cells: each
+    cell goes to the region (background or an object) covering most of it, an object's cells to
+    its first word (token index + 1, as S-CFG's labels count <start>), nearest-upsampled."""
+    from ..builtin.train import region_masks
+
+    if grid[0] != grid[1] or data.RESOLUTION % grid[0]:
+        raise ValueError(f"grid must be square and divide {data.RESOLUTION}, got {grid}")
+    regions = region_masks([data.render(s)[1] for s in scenes], grid[0]).argmax(axis=1)
+    labels = np.zeros_like(regions)
+    for lab, region, scene in zip(labels, regions, scenes):
+        for k, words in enumerate(scene.object_words):
+            lab[region == k + 1] = words[0] + 1
+    cell = data.RESOLUTION // grid[0]
+    return labels.repeat(cell, axis=1).repeat(cell, axis=2)
 
 
 def object_regions(labels: np.ndarray, scene: data.Scene) -> list[np.ndarray]:
@@ -94,6 +116,7 @@ def segmentation_miou(
     gen = torch.Generator().manual_seed(seed)
     sources = ("uncond", "cond") if mode == "reference" else ("cond",)
     image_mious, object_ious, background_ious, per_word, hits = [], [], [], {}, []
+    best_mious, best_object_ious, grid = [], [], (0, 0)
     with attention.attention_taps(unet, record=pairs) as taps:
         for start in tqdm(range(0, n_images, batch), desc="segmentation check", disable=not progress):
             chunk = scenes[start : start + batch]
@@ -110,11 +133,14 @@ def segmentation_miou(
             seg = segment_records(taps, sources, seg_pairs, noisy.shape[-2:], opts)
             labels = F.interpolate(seg.labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long().cpu().numpy()
             _score_batch(chunk, labels, image_mious, object_ious, background_ious, per_word, hits)
+            grid = tuple(seg.labels.shape[-2:])
+            _score_batch(chunk, grid_ceiling_labels(chunk, grid), best_mious, best_object_ious, [], {}, [])
     return SegCheckResult(
         timestep=timestep, levels=tuple(levels), mode=mode, miou=float(np.mean(image_mious)),
         object_iou=float(np.mean(object_ious)), background_iou=float(np.mean(background_ious)),
         object_precision=float(np.mean([p for p, _ in hits])), object_recall=float(np.mean([r for _, r in hits])),
         per_word={k: float(np.mean(v)) for k, v in sorted(per_word.items())}, images=n_images, smoothing=smoothing,
+        grid=grid, ceiling_miou=float(np.mean(best_mious)), ceiling_object_iou=float(np.mean(best_object_ious)),
     )
 
 
@@ -163,6 +189,7 @@ def segcheck(model, n_images, timesteps, levels, mode, seed, smoothing, json_pat
         words = ", ".join(f"{k} {v:.3f}" for k, v in r.per_word.items())
         blur = "" if smoothing else " no smoothing"
         click.echo(f"t={t:4d} levels={r.levels} mode={mode}{blur}: mIoU {r.miou:.3f} (objects {r.object_iou:.3f}: "
-                   f"precision {r.object_precision:.3f}, recall {r.object_recall:.3f}; background {r.background_iou:.3f}; {words})")
+                   f"precision {r.object_precision:.3f}, recall {r.object_recall:.3f}; background {r.background_iou:.3f}; {words}); "
+                   f"ceiling of its {r.grid[0]}x{r.grid[1]} grid: mIoU {r.ceiling_miou:.3f}, objects {r.ceiling_object_iou:.3f}")
     if json_path:
         atomic_write_text(Path(json_path), json.dumps([r.__dict__ for r in results], indent=1))
