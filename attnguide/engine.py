@@ -296,7 +296,7 @@ def guide(
     method: str | None = None,
     *,
     pag_scale: float | None = None,
-    pag_layers: str | Sequence[str] = DEFAULT_PAG_LAYERS,
+    pag_layers: str | Sequence[str] | None = None,
     cfg_window: tuple[float, float] = (0.0, 1.0),
     pag_window: tuple[float, float] = (0.0, 1.0),
     guidance_rescale: float = 0.0,
@@ -320,7 +320,7 @@ def guide(
         method: one of ``none, cfg, pag, cfg+pag, scfg, scfg+pag``; None: the model's recommendation,
             else the library default (``attnguide.recommended_settings``).
         pag_scale: s of PAG (None: as ``method``). pag_layers: self-attention layers PAG perturbs (names or component
-            patterns, ``attnguide layers`` lists them); default the mid block.
+            patterns, ``attnguide layers`` lists them); None: the model's recommendation, else the mid block.
         cfg_window / pag_window: fractions [start, stop) of the steps where each term is active;
             outside, its branch is not computed.
         guidance_rescale: φ of Lin et al. (2024) on the guided prediction (leave the pipeline's own at 0).
@@ -337,8 +337,8 @@ def guide(
     from .pipelines import resolve_settings
     from .validation import check_guide_arguments
 
-    settings = resolve_settings(pipe, method=method, pag_scale=pag_scale)
-    method, pag_scale = settings["method"], settings["pag_scale"]
+    settings = resolve_settings(pipe, method=method, pag_scale=pag_scale, pag_layers=pag_layers)
+    method, pag_scale, pag_layers = settings["method"], settings["pag_scale"], settings["pag_layers"]
     (method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale, scfg, return_masks, mask_steps,
      callback) = check_guide_arguments(pipe, method, pag_scale, pag_layers, cfg_window, pag_window, guidance_rescale,
                                        scfg, return_masks, mask_steps, callback, DEFAULT_PAG_LAYERS)

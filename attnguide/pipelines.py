@@ -19,16 +19,17 @@ def builtin_model_path() -> Path:
 
 
 def default_settings() -> dict:
-    """The library's defaults (``guidance.DEFAULTS``) plus S-CFG's levels (None: chosen from the
-    denoiser's architecture, ``attention.default_scfg_levels``)."""
+    """The library's defaults (``guidance.DEFAULTS``), the layers PAG perturbs (the mid block) and
+    S-CFG's levels (None: chosen from the denoiser's architecture, ``attention.default_scfg_levels``)."""
+    from .engine import DEFAULT_PAG_LAYERS
     from .guidance import DEFAULTS
 
-    return {**DEFAULTS, "scfg_levels": None}
+    return {**DEFAULTS, "pag_layers": list(DEFAULT_PAG_LAYERS), "scfg_levels": None}
 
 
 def recommended_settings(model) -> dict:
     """The settings every entry point (API, CLI, web UI, eval) uses where the caller gives none:
-    what the model folder recommends in its ``attnguide.json`` (method, w, s, steps, S-CFG levels),
+    what the model folder recommends in its ``attnguide.json`` (method, w, s, steps, PAG layers, S-CFG levels),
     over the library's defaults. ``model`` is a pipeline (its ``name_or_path`` folder), a folder, or
     None (the built-in model); the built-in model ships one."""
     settings = default_settings()

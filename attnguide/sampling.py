@@ -171,7 +171,7 @@ def generate(
     method: str | None = None,
     guidance_scale: float | None = None,
     pag_scale: float | None = None,
-    pag_layers: str | Sequence[str] = DEFAULT_PAG_LAYERS,
+    pag_layers: str | Sequence[str] | None = None,
     num_inference_steps: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     height: int | None = None,
@@ -210,10 +210,10 @@ def generate(
             On Flux it is passed as ``true_cfg_scale`` (its negative prompt defaults to ""), batched with
             the prompt in one transformer call; with ``none``/``pag`` it is Flux's embedded guidance.
         pag_scale: s of PAG. pag_layers: self-attention layers PAG perturbs (names or component
-            patterns; ``attnguide layers`` lists them); default the mid block.
-        method, guidance_scale, pag_scale, num_inference_steps: None takes the model folder's
+            patterns; ``attnguide layers`` lists them).
+        method, guidance_scale, pag_scale, pag_layers, num_inference_steps: None takes the model folder's
             recommendation (its ``attnguide.json``), else the library default
-            (``attnguide.recommended_settings``: scfg+pag, w 7.5, s 3.0, 50 steps).
+            (``attnguide.recommended_settings``: scfg+pag, w 7.5, s 3.0, the mid block, 50 steps).
         seed: an int (image i gets seed + i) or one int per image, each in [0, 2**32 - 1] (torch's CPU
             generator keeps 32 bits); or pass ``generator``.
         image, strength: img2img from ``image`` (PIL image or path; its size is the output size, so
@@ -241,9 +241,9 @@ def generate(
     limits = validation.as_limits(limits)
     _check_pipe(pipe)
     settings = resolve_settings(pipe, method=method, guidance_scale=guidance_scale, pag_scale=pag_scale,
-                                num_inference_steps=num_inference_steps)
-    method, guidance_scale, pag_scale, num_inference_steps = (
-        settings[k] for k in ("method", "guidance_scale", "pag_scale", "num_inference_steps"))
+                                pag_layers=pag_layers, num_inference_steps=num_inference_steps)
+    method, guidance_scale, pag_scale, pag_layers, num_inference_steps = (
+        settings[k] for k in ("method", "guidance_scale", "pag_scale", "pag_layers", "num_inference_steps"))
     method = validation.choice("method", method, METHODS)
     uses = REGISTRY[method]
     guidance_scale = validation.number("guidance_scale", guidance_scale, minimum=0.0, maximum=limits.max_scale,

@@ -80,7 +80,8 @@ _GENERATE_OPTIONS = {"guidance_scale": "--guidance-scale", "pag_scale": "--pag-s
               help="CFG/S-CFG scale w [default: the model's recommendation, else 7.5].")
 @click.option("--pag-scale", type=click.FloatRange(0, 100), default=None, callback=_finite,
               help="PAG scale s [default: the model's recommendation, else 3.0].")
-@click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns (see `attnguide layers`).")
+@click.option("--pag-layers", default=None,
+              help="Comma list of self-attention layers or patterns (see `attnguide layers`) [default: the model's recommendation, else mid].")
 @click.option("--scfg-mode", type=LazyChoice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
 @click.option("--scfg-levels", type=SCFG_LEVELS, default=None,
               help="Downsampling factors whose attention S-CFG reads, e.g. 1,2 (see `attnguide layers`) "
@@ -126,7 +127,9 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
         if debugging():
             raise
         raise InputError(with_option_name(one_line(exc), _GENERATE_OPTIONS)) from None
-    settings = resolve_settings(pipe, guidance_scale=guidance_scale, pag_scale=pag_scale, num_inference_steps=steps)
+    layers = None if pag_layers is None else [p for p in pag_layers.split(",") if p]
+    settings = resolve_settings(pipe, guidance_scale=guidance_scale, pag_scale=pag_scale, pag_layers=layers,
+                                num_inference_steps=steps)
     methods = [settings["method"] if m is None else m for m in methods]
     stems = _file_stems(list(prompts))
     rows, labels = [], []
@@ -134,7 +137,7 @@ def generate(model, prompts, negative_prompt, methods, seed, num_images, steps, 
         try:
             result = sampling.generate(
                 pipe, list(prompts), method=method, guidance_scale=settings["guidance_scale"], pag_scale=settings["pag_scale"],
-                pag_layers=[p for p in pag_layers.split(",") if p], num_inference_steps=settings["num_inference_steps"],
+                pag_layers=settings["pag_layers"], num_inference_steps=settings["num_inference_steps"],
                 negative_prompt=negative_prompt if REGISTRY[method].uses_cfg else None, height=height, width=width,
                 num_images_per_prompt=num_images, seed=seed, return_masks=masks, mask_steps=None, scfg={"mode": scfg_mode, "levels": scfg_levels},
                 image=init_image, strength=strength, mask_image=mask_image,

@@ -37,17 +37,23 @@ def layers(model, show_all) -> None:
         mark = "" if transformer else ("  yes" if layer.factor in levels else "")
         click.echo(f"{layer.name:62s} {kind:6s} {layer.factor:>6d} {layer.heads:>5d}{mark}")
     if transformer:
-        click.echo("default PAG layers: mid (the middle block of the main block list)")
+        click.echo(f"default PAG layers: {','.join(_recommended(path)['pag_layers'])} (mid: the middle block of the main block list)")
     else:
         source = "recommended by the model's attnguide.json" if recommended else "default"
-        click.echo(f"S-CFG levels (downsampling factors, {source}): {levels}; default PAG layers: mid")
+        click.echo(f"S-CFG levels (downsampling factors, {source}): {levels}; default PAG layers: "
+                   f"{','.join(_recommended(path)['pag_layers'])}")
+
+
+def _recommended(path: Path | None) -> dict:
+    """The model folder's recommended settings (``pipelines.recommended_settings``)."""
+    from ..pipelines import recommended_settings
+
+    return recommended_settings(path)
 
 
 def _recommended_levels(path: Path | None) -> tuple[int, ...]:
     """S-CFG levels the model folder recommends in its attnguide.json (empty if none)."""
-    from ..pipelines import recommended_settings
-
-    return tuple(recommended_settings(path)["scfg_levels"] or ())
+    return tuple(_recommended(path)["scfg_levels"] or ())
 
 
 def _load_denoiser(path: Path | None):

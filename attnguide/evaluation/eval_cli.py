@@ -56,7 +56,8 @@ def eval_cli() -> None:
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [default: the model's recommendation, else 50].")
 @click.option("--seed", type=int, default=0, help="Base seed: sample k of prompt p uses seed + 1000 p + k, for every method.")
 @click.option("--batch", type=click.IntRange(1), default=8, help="Images per U-Net batch (and per work unit sharded across processes).")
-@click.option("--pag-layers", default="mid", help="Comma list of self-attention layers or patterns PAG perturbs.")
+@click.option("--pag-layers", default=None,
+              help="Comma list of self-attention layers or patterns PAG perturbs [default: the model's recommendation, else mid].")
 @click.option("--scfg-mode", type=click.Choice(SCFG_MODES), default="reference", help="S-CFG arithmetic.")
 @click.option("--scfg-levels", type=SCFG_LEVELS, default=None,
               help="Downsampling factors whose attention S-CFG reads, e.g. 1,2 (see `attnguide layers`) "
@@ -97,7 +98,7 @@ def run_command(methods, scales, pag_scale, prompts, num_prompts, prompt_seed, n
         configs = parse_configs(methods, parse_scales(scales), recommended["pag_scale"], recommended["guidance_scale"])
         settings = EvalSettings(
             out=Path(out), configs=configs, prompts=prompts, num_prompts=num_prompts, prompt_seed=prompt_seed, n=n,
-            model=model, steps=recommended["num_inference_steps"], seed=seed, batch=batch, pag_layers=tuple(p for p in pag_layers.split(",") if p),
+            model=model, steps=recommended["num_inference_steps"], seed=seed, batch=batch, pag_layers=None if pag_layers is None else tuple(p for p in pag_layers.split(",") if p),
             scfg_mode=scfg_mode, scfg_levels=scfg_levels, negative_prompt=negative_prompt, height=height, width=width, device=device, dtype=dtype,
             evaluator=evaluator, clip=clip, min_real=min_real, grid_prompts=grid_prompts, progress=not quiet,
             report=not no_report,

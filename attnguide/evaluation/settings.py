@@ -36,7 +36,7 @@ class EvalSettings:
     steps: int | None = None  # None: the model's recommendation (pipelines.recommended_settings)
     seed: int = 0
     batch: int = 8
-    pag_layers: tuple[str, ...] = ("mid",)
+    pag_layers: tuple[str, ...] | None = None  # None: the model's recommendation (pipelines.recommended_settings)
     scfg_mode: str = "reference"
     scfg_levels: tuple[int, ...] | None = None  # None: the model's recommendation (engine.default_levels)
     negative_prompt: str | None = None
@@ -53,10 +53,12 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.steps is None:
+        if self.steps is None or self.pag_layers is None:
             from ..pipelines import recommended_settings
 
-            self.steps = int(recommended_settings(self.model)["num_inference_steps"])
+            recommended = recommended_settings(self.model)
+            self.steps = int(recommended["num_inference_steps"]) if self.steps is None else self.steps
+            self.pag_layers = tuple(recommended["pag_layers"]) if self.pag_layers is None else self.pag_layers
         for name in ("steps", "batch", "n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}")

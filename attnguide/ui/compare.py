@@ -24,14 +24,14 @@ class ModelInfo:
 
 def model_info(pipe) -> ModelInfo:
     from .. import attention
-    from ..engine import DEFAULT_PAG_LAYERS, default_levels
+    from ..engine import default_levels
     from ..pipelines import recommended_settings
 
     if getattr(pipe, "unet", None) is None:
         return _transformer_info(pipe)
     layers = attention.list_layers(pipe.unet)
     self_layers = tuple(lay.name for lay in layers if not lay.is_cross)
-    defaults = tuple(n for n in self_layers if n.split(".")[0] in {"mid_block", *DEFAULT_PAG_LAYERS}) or self_layers[:1]
+    defaults = _recommended_pag_layers(pipe.unet, recommended_settings(pipe)["pag_layers"]) or self_layers[:1]
     levels = tuple(sorted({lay.factor for lay in layers if lay.is_cross}))
     try:
         chosen = tuple(default_levels(pipe))
@@ -45,14 +45,23 @@ def _transformer_info(pipe) -> ModelInfo:
     """A transformer denoiser: PAG's choices are its perturbable layers (self, joint, single-stream);
     S-CFG has no levels to choose (every block sees the same token grid)."""
     from .. import transformer_attention as tx
-    from ..engine import DEFAULT_PAG_LAYERS
     from ..pipelines import recommended_settings
     from ..sampling import default_size
 
     model = pipe.transformer
     self_layers = tuple(lay.name for lay in tx.list_layers(model) if lay.kind in tx.PERTURBABLE)
-    defaults = tuple(tx.select_self_attention(model, DEFAULT_PAG_LAYERS)) if self_layers else ()
+    defaults = _recommended_pag_layers(model, recommended_settings(pipe)["pag_layers"]) if self_layers else ()
     return ModelInfo(self_layers, defaults, (), (), int(default_size(pipe)), recommended_settings(pipe))
+
+
+def _recommended_pag_layers(denoiser, patterns) -> tuple[str, ...]:
+    """The self-attention layers the recommended patterns select (none when they select nothing here)."""
+    from .. import attention
+
+    try:
+        return tuple(attention.select_self_attention(denoiser, patterns))
+    except ValueError:
+        return ()
 
 
 @dataclass
