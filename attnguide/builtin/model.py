@@ -19,9 +19,13 @@ SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
 # Sampling settings recommended for this model; written as attnguide.json beside every export and
 # read by `attnguide generate` and `attnguide eval` when no value is given.
-# S-CFG levels 1 and 2 are this U-Net's 16x16 and 8x8 attention layers: cells of 1/16 and 1/8 of the
-# image, as the reference reads SD 1.5's 16x16 and 8x8 layers at 512 px.
-RECOMMENDED = {"guidance_scale": 5.0, "pag_scale": 2.0, "num_inference_steps": 30, "scfg_levels": [1, 2]}
+# S-CFG level 1 is this U-Net's 16x16 attention (cells of 1/16 of the image, the finer of the two
+# grids the reference reads on SD 1.5 at 512 px); adding level 2 (8x8) made its masks worse
+# (segcheck) and S-CFG no better. PAG perturbs its 8x8 self-attention layers (cells of 1/8, as SD 1.5's
+# mid block at 512 px); on its 4x4 mid block PAG changed nothing measurable. Both were chosen on
+# prompts and scenes apart from those RESULTS.md reports (README, "The built-in model").
+RECOMMENDED = {"guidance_scale": 5.0, "pag_scale": 2.0, "num_inference_steps": 30,
+               "pag_layers": ["down_blocks.1", "up_blocks.1"], "scfg_levels": [1]}
 
 def build_tokenizer():
     """A word-level fast tokenizer over the synthetic vocabulary, built offline.
