@@ -22,12 +22,15 @@ def layers(model, show_all) -> None:
       attnguide layers ./my-sd15
     """
     from .. import attention
+    from ..pipelines import recommended_settings
     from ..transformer_attention import is_transformer
 
     path = Path(model) if model else None
     denoiser = _load_denoiser(path)
     transformer = is_transformer(denoiser)
-    recommended = _recommended_levels(path)
+    settings = recommended_settings(path)
+    recommended = tuple(settings["scfg_levels"] or ())
+    pag_layers = ",".join(settings["pag_layers"])
     levels = () if transformer else (recommended or attention.default_scfg_levels(denoiser))
     click.echo(f"{'layer':62s} {'kind':6s} {'factor':>6s} {'heads':>5s}" + ("" if transformer else "  s-cfg"))
     for layer in attention.list_layers(denoiser):
@@ -37,23 +40,11 @@ def layers(model, show_all) -> None:
         mark = "" if transformer else ("  yes" if layer.factor in levels else "")
         click.echo(f"{layer.name:62s} {kind:6s} {layer.factor:>6d} {layer.heads:>5d}{mark}")
     if transformer:
-        click.echo(f"default PAG layers: {','.join(_recommended(path)['pag_layers'])} (mid: the middle block of the main block list)")
+        click.echo(f"default PAG layers: {pag_layers} (mid: the middle block of the main block list)")
     else:
         source = "recommended by the model's attnguide.json" if recommended else "default"
         click.echo(f"S-CFG levels (downsampling factors, {source}): {levels}; default PAG layers: "
-                   f"{','.join(_recommended(path)['pag_layers'])}")
-
-
-def _recommended(path: Path | None) -> dict:
-    """The model folder's recommended settings (``pipelines.recommended_settings``)."""
-    from ..pipelines import recommended_settings
-
-    return recommended_settings(path)
-
-
-def _recommended_levels(path: Path | None) -> tuple[int, ...]:
-    """S-CFG levels the model folder recommends in its attnguide.json (empty if none)."""
-    return tuple(_recommended(path)["scfg_levels"] or ())
+                   f"{pag_layers}")
 
 
 def _load_denoiser(path: Path | None):
