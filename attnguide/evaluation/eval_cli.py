@@ -1,4 +1,4 @@
-"""The ``attnguide eval`` commands: ``run`` (a resumable, shardable sweep) and ``report``.
+"""The ``attnguide eval`` commands: ``run`` (a resumable, shardable sweep), ``report`` and ``compare``.
 
 The library modules (``sweep``, ``settings``, ``runner``, ``summary``) raise ``ValueError`` and the
 errors of ``errors``; this module turns them into one-line messages (exit 2 for bad input, 1 for
@@ -130,3 +130,24 @@ def report_command(directory, evaluator, min_real, no_plots) -> None:
         rows, notes, paired = report(directory, evaluator_path=evaluator, min_real=min_real, plots=not no_plots,
                                      progress=True)
     click.echo(summary_markdown(rows, notes, paired))
+
+
+@eval_cli.command("compare")
+@click.argument("dir_a", metavar="DIR_A", type=click.Path(exists=True, file_okay=False))
+@click.argument("dir_b", metavar="DIR_B", type=click.Path(exists=True, file_okay=False))
+@click.option("--pair", "pairs", multiple=True,
+              help="Config to compare: LABEL (in both runs) or LABEL_A=LABEL_B; repeat for several "
+                   "[default: every config both runs have].")
+def compare_command(dir_a, dir_b, pairs) -> None:
+    """Compare two runs image by image (A − B on the same prompts and seeds): two models,
+    checkpoints or settings. Reads both folders, writes nothing.
+
+    \b
+    Example:
+      attnguide eval compare outputs/eval-new outputs/eval-old --pair cfg@5
+    """
+    from .compare import compare_markdown, compare_runs, parse_pairs
+
+    with _errors_as_messages():
+        rows = compare_runs(dir_a, dir_b, parse_pairs(pairs))
+    click.echo(compare_markdown(rows, dir_a, dir_b))

@@ -143,15 +143,13 @@ def _summary_row(label: str, rs: list[dict[str, Any]], feats: np.ndarray | None,
 
 # Per-image checks the paired comparisons are made on (each 0/1 per image).
 PAIRED_CHECKS = ("fully_correct", "present")
-PAIRED_FIELDS = ("config", "reference", "check", "diff", "diff_se", "z", "n_pairs")
+PAIRED_FIELDS = ("config", "reference", "check", "diff", "diff_se", "z", "n_pairs", "rate", "reference_rate")
 
 
 def paired_rows(records: list[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
     """Each config against the configs one component away from it (``Config.ablations``) that the
     run also has, on the images both made from the same prompt and seed: the mean difference of
     each check of ``PAIRED_CHECKS`` with its standard error and z."""
-    from . import metrics
-
     by_config: dict[str, dict[tuple[int, int], dict[str, Any]]] = {label: {} for label in labels}
     for r in records:
         if "scores" in r:
@@ -163,14 +161,26 @@ def paired_rows(records: list[dict[str, Any]], labels: Sequence[str]) -> list[di
             continue
         config = config_from_record(next(r for r in records if r["config"] == label))
         for reference in (c.label for c in config.ablations()):
-            other = by_config.get(reference)
-            for check in PAIRED_CHECKS:
-                keys = [k for k in sorted(set(scores) & set(other or {}))
-                        if scores[k].get(check) is not None and other[k].get(check) is not None]
-                a = [float(scores[k][check]) for k in keys]
-                b = [float(other[k][check]) for k in keys]
-                if keys:
-                    rows.append({"config": label, "reference": reference, "check": check, **metrics.paired_difference(a, b)})
+            for row in paired_checks(scores, by_config.get(reference) or {}):
+                rate, reference_rate = row.pop("rate_a"), row.pop("rate_b")
+                rows.append({"config": label, "reference": reference, **row, "rate": rate, "reference_rate": reference_rate})
+    return rows
+
+
+def paired_checks(scores_a: dict[Any, dict[str, Any]], scores_b: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each check of ``PAIRED_CHECKS``: ``metrics.paired_difference`` of a − b over the keys
+    (image identities) both score maps have with that check scored, plus both rates on those
+    pairs. Checks with no such pair are left out."""
+    from . import metrics
+
+    rows = []
+    for check in PAIRED_CHECKS:
+        keys = [k for k in sorted(set(scores_a) & set(scores_b))
+                if scores_a[k].get(check) is not None and scores_b[k].get(check) is not None]
+        if keys:
+            a = [float(scores_a[k][check]) for k in keys]
+            b = [float(scores_b[k][check]) for k in keys]
+            rows.append({"check": check, "rate_a": sum(a) / len(a), "rate_b": sum(b) / len(b), **metrics.paired_difference(a, b)})
     return rows
 
 

@@ -29,16 +29,17 @@ def model_info(pipe) -> ModelInfo:
 
     if getattr(pipe, "unet", None) is None:
         return _transformer_info(pipe)
+    recommended = recommended_settings(pipe)
     layers = attention.list_layers(pipe.unet)
     self_layers = tuple(lay.name for lay in layers if not lay.is_cross)
-    defaults = _recommended_pag_layers(pipe.unet, recommended_settings(pipe)["pag_layers"]) or self_layers[:1]
+    defaults = _recommended_pag_layers(pipe.unet, recommended["pag_layers"]) or self_layers[:1]
     levels = tuple(sorted({lay.factor for lay in layers if lay.is_cross}))
     try:
         chosen = tuple(default_levels(pipe))
     except ValueError:  # no cross-attention: S-CFG cannot run on this model; the engine says so if asked
         chosen = ()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return ModelInfo(self_layers, defaults, levels, chosen, int(size), recommended_settings(pipe))
+    return ModelInfo(self_layers, defaults, levels, chosen, int(size), recommended)
 
 
 def _transformer_info(pipe) -> ModelInfo:
@@ -48,10 +49,10 @@ def _transformer_info(pipe) -> ModelInfo:
     from ..pipelines import recommended_settings
     from ..sampling import default_size
 
-    model = pipe.transformer
+    model, recommended = pipe.transformer, recommended_settings(pipe)
     self_layers = tuple(lay.name for lay in tx.list_layers(model) if lay.kind in tx.PERTURBABLE)
-    defaults = _recommended_pag_layers(model, recommended_settings(pipe)["pag_layers"]) if self_layers else ()
-    return ModelInfo(self_layers, defaults, (), (), int(default_size(pipe)), recommended_settings(pipe))
+    defaults = _recommended_pag_layers(model, recommended["pag_layers"]) if self_layers else ()
+    return ModelInfo(self_layers, defaults, (), (), int(default_size(pipe)), recommended)
 
 
 def _recommended_pag_layers(denoiser, patterns) -> tuple[str, ...]:
