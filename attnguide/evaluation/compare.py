@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput, EvalFolderError
-from .storage import RUN_FILE
-from .summary import load_job_records, paired_checks
+from .summary import difference_cells, load_job_records, paired_checks, require_eval_folder
 
 # Record fields that must agree between two images for them to be a pair.
 SAME_INPUT_FIELDS = ("prompt", "seed", "steps")
 
 
 def _run_records(folder: Path, name: str) -> list[dict[str, Any]]:
-    if not (folder / RUN_FILE).is_file():
-        raise EvalFolderError(f"{name}: {str(folder)!r} is not an evaluation folder (it has no {RUN_FILE})")
+    require_eval_folder(folder, name)
     records = [r for r in load_job_records(folder) if "scores" in r]
     if not records:
         raise EvalFolderError(f"{name}: {str(folder)!r} has no scored images (only built-in prompts are scored)")
@@ -92,8 +90,6 @@ def compare_markdown(rows: Sequence[dict[str, Any]], dir_a: str | Path, dir_b: s
     lines = [f"A: {dir_a}", f"B: {dir_b}", "",
              "| A config | B config | check | A rate | B rate | A − B ± se | z | pairs |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        se = "–" if r["diff_se"] is None else f"{r['diff_se']:.3f}"
-        z = "–" if r["z"] is None else f"{r['z']:+.1f}"
         lines.append(f"| {r['config_a']} | {r['config_b']} | {r['check']} | {r['rate_a']:.3f} | {r['rate_b']:.3f} | "
-                     f"{r['diff']:+.3f} ± {se} | {z} | {r['n_pairs']} |")
+                     f"{difference_cells(r)} |")
     return "\n".join(lines) + "\n"

@@ -190,10 +190,21 @@ def paired_markdown(rows: list[dict[str, Any]]) -> str:
         return ""
     lines = ["| config − reference | check | difference ± se | z | pairs |", "|---|---|---|---|---|"]
     for r in rows:
-        z = "–" if r["z"] is None else f"{r['z']:+.1f}"
-        se = "–" if r["diff_se"] is None else f"{r['diff_se']:.3f}"
-        lines.append(f"| {r['config']} − {r['reference']} | {r['check']} | {r['diff']:+.3f} ± {se} | {z} | {r['n_pairs']} |")
+        lines.append(f"| {r['config']} − {r['reference']} | {r['check']} | {difference_cells(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def difference_cells(row: dict[str, Any]) -> str:
+    """The Markdown cells 'difference ± se | z | pairs' of one paired comparison."""
+    se = "–" if row["diff_se"] is None else f"{row['diff_se']:.3f}"
+    z = "–" if row["z"] is None else f"{row['z']:+.1f}"
+    return f"{row['diff']:+.3f} ± {se} | {z} | {row['n_pairs']}"
+
+
+def require_eval_folder(folder: Path, name: str) -> None:
+    """Raise ``EvalFolderError`` naming the argument ``name`` unless ``folder`` holds a run."""
+    if not (Path(folder) / RUN_FILE).is_file():
+        raise EvalFolderError(f"{name}: {str(folder)!r} is not an evaluation folder (it has no {RUN_FILE})")
 
 
 SUMMARY_FIELDS = (
@@ -265,8 +276,7 @@ def report(out: str | Path, *, evaluator_path: str | None = None, min_real: int 
     """Rebuild ``records.jsonl``, the summary files and the plots of an output folder from its
     saved per-job records and images alone. Returns (summary rows, notes, paired comparisons)."""
     out = Path(out)
-    if not (out / RUN_FILE).is_file():
-        raise EvalFolderError(f"DIR: {str(out)!r} is not an evaluation folder (it has no {RUN_FILE})")
+    require_eval_folder(out, "DIR")
     meta = read_json(out / RUN_FILE)
     records = merge_records(out)
     if not records:
